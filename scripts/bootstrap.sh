@@ -1,0 +1,14 @@
+#!/usr/bin/env bash
+# Create the virtualenv, install textserve with its dev extras, and the Debian packages the
+# toolchain and tests use (WordNet glosses, promtool/Prometheus, nginx, wrk).
+set -euo pipefail
+PYTHON=${PYTHON:-python3}
+VENV=${VENV:-.venv}
+cd "$(dirname "$0")/.."
+scripts/system-deps.sh
+if [ ! -x "$VENV/bin/python" ]; then
+    "$PYTHON" -m venv "$VENV"
+fi
+"$VENV/bin/python" -m pip install --quiet --upgrade pip
+"$VENV/bin/python" -m pip install --quiet --editable ".[dev]"
+echo "bootstrap: $VENV ready ($("$VENV/bin/python" --version))"

@@ -1,0 +1,58 @@
+"""Server settings: one pydantic-settings class, environment prefix ``TEXTSERVE_``.
+
+Precedence: CLI flags > environment (``TEXTSERVE_PORT=9000``) > ``.env`` file > defaults.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pydantic import Field, SecretStr
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(
+        env_prefix="TEXTSERVE_", env_file=".env", extra="ignore", use_attribute_docstrings=True
+    )
+
+    repo: Path = Path("model_repository")
+    """Model repository directory (holds models.yaml)."""
+    host: str = "127.0.0.1"
+    """Address to bind. Use 0.0.0.0 in containers."""
+    port: int = Field(default=8000, ge=0, le=65535)
+    """TCP port (0 picks a free one)."""
+    log_level: str = "info"
+    """Log level for textserve and uvicorn."""
+
+    intra_op_threads: int = Field(default=2, ge=0)
+    """TensorFlow intra-op threads per session (0 = TensorFlow's default)."""
+    inter_op_threads: int = Field(default=1, ge=0)
+    """TensorFlow inter-op threads per session (0 = TensorFlow's default)."""
+    inference_threads: int = Field(default=2, ge=1)
+    """Threads running session.run off the event loop (shared by all models)."""
+
+    max_batch_size: int = Field(default=64, ge=1, le=4096)
+    """Default largest batch (texts) one session.run receives; models.yaml may override."""
+    max_wait_ms: float = Field(default=2.0, ge=0, le=1000)
+    """Default longest time a batch waits to fill once the model is idle."""
+    max_queue: int = Field(default=4096, ge=1)
+    """Default bound on queued texts per model version; beyond it: 503 + Retry-After."""
+
+    max_texts_per_request: int = Field(default=1024, ge=1)
+    """More texts in one request → 413."""
+    max_text_chars: int = Field(default=20_000, ge=1)
+    """A longer text → 413, naming the text's index."""
+    max_body_bytes: int = Field(default=8 * 1024 * 1024, ge=1024)
+    """A larger request body → 413."""
+    max_top_k: int = Field(default=100, ge=1)
+    """Largest accepted ``top_k`` (capped further by the model's number of labels)."""
+
+    warmup: bool = True
+    """Run each model on a few batch shapes before marking it READY."""
+    memory_sample_interval_s: float = Field(default=5.0, gt=0)
+    """How often process memory (RSS/USS/PSS) is sampled."""
+    drain_timeout_s: float = Field(default=30.0, ge=0)
+    """On SIGTERM, how long in-flight requests may take to finish."""
+    admin_token: SecretStr | None = None
+    """Bearer token for /v2/repository/* admin routes; unset → those routes answer 403."""
