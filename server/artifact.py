@@ -77,7 +77,12 @@ class ModelFormat(StrEnum):
 
 
 SERVABLE_FORMATS = frozenset(
-    {ModelFormat.STRIPPED, ModelFormat.FROZEN, ModelFormat.FROZEN_SELFCONTAINED, ModelFormat.IMPORTED}
+    {
+        ModelFormat.STRIPPED,
+        ModelFormat.FROZEN,
+        ModelFormat.FROZEN_SELFCONTAINED,
+        ModelFormat.IMPORTED,
+    }
 )
 
 

@@ -61,7 +61,9 @@ def build_cnn(
             embedded = v1.placeholder(tf.float32, [None, None, spec.embedding_dim], name="lookup")
         else:
             embedded = tf.identity(lookup(input_x), name="lookup")
-    lengths = tf.reduce_sum(tf.cast(tf.not_equal(input_x, PAD_ID), tf.int32), axis=1, name="lengths")
+    lengths = tf.reduce_sum(
+        tf.cast(tf.not_equal(input_x, PAD_ID), tf.int32), axis=1, name="lengths"
+    )
     widest = max(spec.filter_widths)
     effective = tf.maximum(lengths, widest)
     time_steps = tf.shape(input_x)[1]
@@ -69,13 +71,19 @@ def build_cnn(
     pooled = []
     for width in spec.filter_widths:
         with v1.variable_scope(f"conv-maxpool-{width}"):
-            kernel = v1.get_variable("W", [width, spec.embedding_dim, spec.num_filters], initializer=init)
-            bias = v1.get_variable("b", [spec.num_filters], initializer=v1.constant_initializer(0.1))
+            kernel = v1.get_variable(
+                "W", [width, spec.embedding_dim, spec.num_filters], initializer=init
+            )
+            bias = v1.get_variable(
+                "b", [spec.num_filters], initializer=v1.constant_initializer(0.1)
+            )
             conv = tf.nn.conv1d(embedded, kernel, stride=1, padding="VALID")
             h = tf.nn.relu(tf.nn.bias_add(conv, bias))
             # Windows fully inside the effective length; ReLU output is >= 0, so zeroing the
             # others never changes the max.
-            valid = tf.sequence_mask(effective - width + 1, time_steps - width + 1, dtype=tf.float32)
+            valid = tf.sequence_mask(
+                effective - width + 1, time_steps - width + 1, dtype=tf.float32
+            )
             pooled.append(tf.reduce_max(h * valid[:, :, None], axis=1))
     features = tf.concat(pooled, axis=1, name="features")
     dropped = tf.nn.dropout(features, rate=1.0 - keep_prob, seed=seed)
