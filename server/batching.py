@@ -1,0 +1,445 @@
+"""Dynamic batching: many small concurrent requests become few ``predict`` calls.
+
+One :class:`Batcher` serves one model version. It knows nothing about HTTP: ``submit`` takes
+encoded texts (token ids) and returns their probabilities, or raises a
+:class:`~server.errors.TextserveError` the transport maps to a status.
+
+Scheduling policy (all times on the monotonic clock):
+
+* **Idle model, lone request: no wait.** A request that arrives while nothing is in flight and
+  nothing is queued is dispatched at once; ``max_wait_ms`` never delays it.
+* **Busy model: accumulate.** Requests that arrive while a batch runs are queued. When the
+  batch finishes, everything queued (up to ``max_batch_size`` texts) goes into the next
+  ``predict``. If that batch would not be full, it is held until its oldest request has been
+  queued ``max_wait_ms`` (requests that arrived during a long batch are already older than that,
+  so in practice the hold only applies after very short batches, giving the clients just
+  answered time to come back and join). ``max_wait_ms=0`` makes the batcher purely
+  work-conserving.
+* **At most ``max_in_flight`` predicts at once** (default 1: on 2 cores one ``session.run``
+  with 2 intra-op threads already uses both). With more than one, an extra predict starts only
+  when its batch is full or its oldest request has waited ``max_wait_ms``.
+* **Fair chunking.** Texts are taken from the queue in arrival order. A request with more texts
+  than fit in the batch contributes a chunk and goes to the back of the queue, so a
+  1000-text request is split into ``max_batch_size`` chunks that alternate with the small
+  requests that arrive meanwhile (deficit round robin with a quantum of one batch): no batch is
+  ever larger than ``max_batch_size`` and a small request waits for at most one chunk of each
+  large request ahead of it.
+* **Length grouping.** ``pad`` pads each batch to its longest text. A request larger than one
+  batch is chunked in order of text length (results are scattered back to the original order),
+  so each chunk holds texts of similar length and pads little. Requests that fit in one batch are
+  not reordered: sorting inside one batch cannot change its padded width, and reordering
+  across requests would break arrival order. ``textserve bench`` measures the effect.
+* **Bounded queue.** At most ``max_queue`` texts wait; beyond that ``submit`` raises
+  :class:`~server.errors.Overloaded` at once (503 + Retry-After).
+* **Dropped work.** A request whose ``submit`` is cancelled (client gone) leaves the queue;
+  its chunks not yet started are never run, and results of chunks in flight are discarded. A
+  request whose deadline passes before (the rest of) its work starts fails with
+  :class:`~server.errors.DeadlineExceeded` and its remaining texts are dropped; once all of its
+  chunks have started it is answered.
+* ``pad`` and ``predict`` run together in the executor, off the event loop.
+* ``close(timeout)`` refuses new work (:class:`~server.errors.ShuttingDown`), runs everything
+  queued, and after ``timeout`` fails whatever is left with ``ShuttingDown``.
+
+Everything but ``pad``/``predict`` runs on the event loop thread; there are no locks.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import functools
+import time
+from collections import deque
+from collections.abc import Callable, Sequence
+from typing import Protocol
+
+import numpy as np
+import numpy.typing as npt
+
+from server.errors import BadRequest, DeadlineExceeded, Overloaded, PayloadTooLarge, ShuttingDown
+from server.runtime.base import ProbArray
+from server.text import IdArray
+
+__all__ = ["BatchObserver", "Batcher"]
+
+
+class BatchObserver(Protocol):
+    """Receives the batcher's measurements (implemented on prometheus-client by the metrics).
+
+    Called on the event loop thread; implementations must be cheap and must not raise.
+    """
+
+    def batch_done(self, size: int, inference_s: float) -> None:
+        """A predict finished: ``size`` texts in the batch, ``inference_s`` seconds in predict."""
+
+    def queue_wait(self, seconds: float) -> None:
+        """A request's first text started: seconds from ``submit`` to its batch's start."""
+
+    def queue_depth(self, n: int) -> None:
+        """Queued (not yet started) texts changed to ``n``."""
+
+
+class _Request:
+    """One ``submit`` call: its texts, where they stand, and the future its caller awaits."""
+
+    __slots__ = (
+        "answered",
+        "deadline",
+        "encoded",
+        "enqueued",
+        "future",
+        "next",
+        "order",
+        "out",
+        "queued",
+        "started",
+        "timer",
+    )
+
+    def __init__(
+        self,
+        encoded: Sequence[Sequence[int]],
+        order: npt.NDArray[np.intp] | None,
+        future: asyncio.Future[ProbArray],
+        enqueued: float,
+        deadline: float | None,
+    ) -> None:
+        self.encoded = encoded
+        self.order = order
+        """Indices of ``encoded`` sorted by length (large requests only), else None."""
+        self.future = future
+        self.enqueued = enqueued
+        self.deadline = deadline
+        self.next = 0
+        """Position (in ``order``) of the first text not yet handed to a batch."""
+        self.answered = 0
+        self.out: ProbArray | None = None
+        self.queued = False
+        self.started = False
+        self.timer: asyncio.TimerHandle | None = None
+
+    @property
+    def remaining(self) -> int:
+        return len(self.encoded) - self.next
+
+
+class _Part:
+    """Rows ``row:row+stop-start`` of a batch are positions ``start:stop`` of ``request``."""
+
+    __slots__ = ("request", "row", "start", "stop")
+
+    def __init__(self, request: _Request, start: int, stop: int, row: int) -> None:
+        self.request = request
+        self.start = start
+        self.stop = stop
+        self.row = row
+
+
+class Batcher:
+    """Merges concurrent ``submit`` calls for one model version into batched ``predict`` calls."""
+
+    def __init__(
+        self,
+        predict: Callable[[IdArray], ProbArray],
+        pad: Callable[[Sequence[Sequence[int]]], IdArray],
+        *,
+        max_batch_size: int,
+        max_wait_ms: float,
+        max_queue: int,
+        executor: concurrent.futures.Executor,
+        name: str = "",
+        observer: BatchObserver | None = None,
+        max_in_flight: int = 1,
+        group_by_length: bool = True,
+    ) -> None:
+        if max_batch_size < 1:
+            raise ValueError("max_batch_size must be >= 1")
+        if max_wait_ms < 0:
+            raise ValueError("max_wait_ms must be >= 0")
+        if max_queue < 1:
+            raise ValueError("max_queue must be >= 1")
+        if max_in_flight < 1:
+            raise ValueError("max_in_flight must be >= 1")
+        self._predict = predict
+        self._pad = pad
+        self._max_batch = max_batch_size
+        self._max_wait = max_wait_ms / 1000.0
+        self._max_queue = max_queue
+        self._executor = executor
+        self.name = name
+        self._observer = observer
+        self._max_in_flight = max_in_flight
+        self._group_by_length = group_by_length
+
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._queue: deque[_Request] = deque()
+        self._live: set[_Request] = set()
+        self._depth = 0
+        self._in_flight = 0
+        self._fill_timer: asyncio.TimerHandle | None = None
+        self._fill_due = 0.0
+        self._closing = False
+        self._drained: asyncio.Event | None = None
+
+    # -- public interface ----------------------------------------------------------------------
+
+    def start(self) -> None:
+        """Bind to the running event loop. Call once, from a coroutine, before ``submit``."""
+        self._loop = asyncio.get_running_loop()
+
+    @property
+    def queue_depth(self) -> int:
+        """Texts queued and not yet handed to a ``predict``."""
+        return self._depth
+
+    @property
+    def in_flight(self) -> int:
+        """Predicts currently running in the executor."""
+        return self._in_flight
+
+    async def submit(
+        self, encoded: Sequence[Sequence[int]], *, deadline: float | None = None
+    ) -> ProbArray:
+        """Probabilities ``[len(encoded), labels]`` for the encoded texts, in order.
+
+        ``deadline`` is a ``time.monotonic()`` instant; if (the rest of) the request has not
+        started by then it fails with :class:`DeadlineExceeded`.
+        """
+        loop = self._loop
+        if loop is None:
+            raise RuntimeError(f"batcher {self.name!r}: start() was not called")
+        if self._closing:
+            raise ShuttingDown(f"model {self.name} is shutting down")
+        n = len(encoded)
+        if n == 0:
+            raise BadRequest("no texts to classify")
+        if n > self._max_queue:
+            raise PayloadTooLarge(
+                f"{n} texts exceed the queue bound of model {self.name} ({self._max_queue} texts)"
+            )
+        if self._depth + n > self._max_queue:
+            raise Overloaded(
+                f"model {self.name} is overloaded: {self._depth} texts queued "
+                f"(limit {self._max_queue})"
+            )
+        now = time.monotonic()
+        if deadline is not None and now >= deadline:
+            raise DeadlineExceeded("deadline passed before the request was queued")
+
+        idle = self._in_flight == 0 and not self._queue
+        order: npt.NDArray[np.intp] | None = None
+        if self._group_by_length and n > self._max_batch:
+            order = np.argsort(np.fromiter((len(e) for e in encoded), np.intp, n), kind="stable")
+        req = _Request(encoded, order, loop.create_future(), now, deadline)
+        self._live.add(req)
+        self._push(req)
+        self._depth += n
+        self._depth_changed()
+        if deadline is not None:
+            req.timer = loop.call_at(loop.time() + (deadline - now), self._on_deadline, req)
+        self._dispatch(force=idle)
+        try:
+            return await req.future
+        except asyncio.CancelledError:
+            self._abandon(req)
+            raise
+        finally:
+            if req.timer is not None:
+                req.timer.cancel()
+            self._live.discard(req)
+
+    async def close(self, timeout: float) -> None:  # noqa: ASYNC109 (the documented interface)
+        """Refuse new work, finish queued and in-flight work; give up after ``timeout`` s."""
+        self._closing = True
+        if self._loop is None:
+            return
+        self._cancel_fill_timer()
+        self._dispatch()
+        if self._is_drained():
+            return
+        self._drained = asyncio.Event()
+        try:
+            await asyncio.wait_for(self._drained.wait(), timeout)
+        except TimeoutError:
+            self._fail_all(ShuttingDown(f"model {self.name} shut down before answering"))
+
+    # -- scheduling ----------------------------------------------------------------------------
+
+    def _push(self, req: _Request) -> None:
+        self._queue.append(req)
+        req.queued = True
+
+    def _dispatch(self, force: bool = False) -> None:
+        """Start as many batches as the policy allows now; arm the fill timer otherwise."""
+        while self._queue and self._in_flight < self._max_in_flight:
+            now = time.monotonic()
+            if not force and not self._closing and self._depth < self._max_batch:
+                due = self._queue[0].enqueued + self._max_wait
+                if now < due:
+                    self._arm_fill_timer(due)
+                    return
+            force = False
+            parts, texts = self._form_batch(now)
+            if parts:
+                self._launch(parts, texts)
+        self._check_drained()
+
+    def _form_batch(self, now: float) -> tuple[list[_Part], list[Sequence[int]]]:
+        parts: list[_Part] = []
+        texts: list[Sequence[int]] = []
+        capacity = self._max_batch
+        while capacity and self._queue:
+            req = self._queue.popleft()
+            req.queued = False
+            if req.deadline is not None and now >= req.deadline:
+                self._expire(req)
+                continue
+            take = min(req.remaining, capacity)
+            start, stop = req.next, req.next + take
+            if req.order is None:
+                texts.extend(req.encoded[start:stop])
+            else:
+                texts.extend(req.encoded[int(i)] for i in req.order[start:stop])
+            parts.append(_Part(req, start, stop, len(texts) - take))
+            req.next = stop
+            capacity -= take
+            self._depth -= take
+            if not req.started:
+                req.started = True
+                if self._observer is not None:
+                    self._observer.queue_wait(now - req.enqueued)
+            if req.remaining:
+                self._push(req)  # back of the queue: its next chunk waits its turn
+        self._depth_changed()
+        return parts, texts
+
+    def _launch(self, parts: list[_Part], texts: list[Sequence[int]]) -> None:
+        assert self._loop is not None
+        self._in_flight += 1
+        try:
+            cfut = self._executor.submit(self._execute, texts)
+        except RuntimeError as exc:  # executor shut down
+            self._in_flight -= 1
+            for part in parts:
+                self._fail(part.request, exc)
+            return
+        afut = asyncio.wrap_future(cfut, loop=self._loop)
+        afut.add_done_callback(functools.partial(self._on_batch_done, parts, len(texts)))
+
+    def _execute(self, texts: list[Sequence[int]]) -> tuple[ProbArray, float]:
+        """Runs in the executor: pad to the longest text, predict, time the predict."""
+        ids = self._pad(texts)
+        t0 = time.perf_counter()
+        probs = self._predict(ids)
+        elapsed = time.perf_counter() - t0
+        if probs.ndim != 2 or probs.shape[0] != len(texts):
+            raise RuntimeError(
+                f"model {self.name}: predict returned shape {probs.shape} for {len(texts)} texts"
+            )
+        return probs, elapsed
+
+    def _on_batch_done(
+        self, parts: list[_Part], size: int, afut: asyncio.Future[tuple[ProbArray, float]]
+    ) -> None:
+        self._in_flight -= 1
+        try:
+            probs, elapsed = afut.result()
+        except BaseException as exc:
+            for part in parts:
+                self._fail(part.request, exc)
+        else:
+            if self._observer is not None:
+                self._observer.batch_done(size, elapsed)
+            for part in parts:
+                self._deliver(part, probs)
+        self._dispatch()
+
+    def _deliver(self, part: _Part, probs: ProbArray) -> None:
+        req = part.request
+        if req.future.done():  # cancelled, expired or failed meanwhile
+            return
+        count = part.stop - part.start
+        rows = probs[part.row : part.row + count]
+        total = len(req.encoded)
+        if count == total:
+            req.future.set_result(rows)
+            return
+        if req.out is None:
+            req.out = np.empty((total, probs.shape[1]), dtype=probs.dtype)
+        if req.order is None:
+            req.out[part.start : part.stop] = rows
+        else:
+            req.out[req.order[part.start : part.stop]] = rows
+        req.answered += count
+        if req.answered == total:
+            req.future.set_result(req.out)
+
+    # -- dropping work ---------------------------------------------------------------------------
+
+    def _unqueue(self, req: _Request) -> None:
+        """Take ``req``'s texts that have not started out of the queue."""
+        if req.queued:
+            self._queue.remove(req)
+            req.queued = False
+        if req.remaining:
+            self._depth -= req.remaining
+            req.next = len(req.encoded)
+            self._depth_changed()
+
+    def _abandon(self, req: _Request) -> None:
+        """The caller went away (its ``submit`` was cancelled)."""
+        self._unqueue(req)
+        self._check_drained()
+
+    def _expire(self, req: _Request) -> None:
+        self._unqueue(req)
+        self._fail(req, DeadlineExceeded("deadline passed before the model could run the request"))
+
+    def _on_deadline(self, req: _Request) -> None:
+        req.timer = None
+        if req.future.done() or not req.remaining:
+            return  # answered, or all of its chunks already started: let them finish
+        self._expire(req)
+        self._check_drained()
+
+    def _fail(self, req: _Request, exc: BaseException) -> None:
+        if not req.future.done():
+            req.future.set_exception(exc)
+
+    def _fail_all(self, exc: BaseException) -> None:
+        for req in list(self._live):
+            self._unqueue(req)
+            self._fail(req, exc)
+        self._queue.clear()
+
+    # -- timers and bookkeeping ---------------------------------------------------------------
+
+    def _arm_fill_timer(self, due: float) -> None:
+        assert self._loop is not None
+        if self._fill_timer is not None:
+            if self._fill_due <= due:
+                return
+            self._fill_timer.cancel()
+        self._fill_due = due
+        delay = max(0.0, due - time.monotonic())
+        self._fill_timer = self._loop.call_at(self._loop.time() + delay, self._on_fill_timer)
+
+    def _on_fill_timer(self) -> None:
+        self._fill_timer = None
+        self._dispatch()
+
+    def _cancel_fill_timer(self) -> None:
+        if self._fill_timer is not None:
+            self._fill_timer.cancel()
+            self._fill_timer = None
+
+    def _depth_changed(self) -> None:
+        if self._observer is not None:
+            self._observer.queue_depth(self._depth)
+
+    def _is_drained(self) -> bool:
+        return not self._queue and self._in_flight == 0
+
+    def _check_drained(self) -> None:
+        if self._drained is not None and self._closing and self._is_drained():
+            self._drained.set()
