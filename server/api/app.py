@@ -1,0 +1,112 @@
+"""The FastAPI application: routes of the three protocols, lifespan, and error mapping.
+
+Every error answers ``{"error": "..."}``: :class:`~server.errors.TextserveError` with its own
+status and headers (one handler), unknown routes 404, wrong methods 405, request validation
+400, anything unexpected 500 (logged). The registry starts loading models in the lifespan's
+startup (in the background: ``/v2/health/live`` answers at once) and is closed — batchers
+drained, sessions closed — at shutdown.
+
+``app.state.registry``, ``app.state.dataplane`` and ``app.state.settings`` give later routes
+(admin, metrics) the same objects.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.openapi.utils import get_openapi
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.responses import Response
+
+from server import __version__
+from server.api.body import json_response
+from server.api.routes import native, tfserving, v2
+from server.api.schemas import openapi_components
+from server.dataplane import DataPlane
+from server.errors import TextserveError
+from server.registry import Registry
+from server.settings import Settings
+
+log = logging.getLogger(__name__)
+
+
+async def _textserve_error(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, TextserveError)
+    return json_response({"error": exc.message}, int(exc.status), exc.headers())
+
+
+async def _http_error(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, StarletteHTTPException)
+    if exc.status_code == 404:
+        message = f"no route {request.url.path!r}"
+    elif exc.status_code == 405:
+        message = f"method {request.method} not allowed on {request.url.path!r}"
+    else:
+        message = str(exc.detail)
+    return json_response({"error": message}, exc.status_code, exc.headers)
+
+
+async def _validation_error(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, RequestValidationError)
+    parts = []
+    for err in exc.errors():
+        loc = ".".join(str(p) for p in err.get("loc", ()))
+        parts.append(f"{loc}: {err.get('msg', 'invalid')}")
+    return json_response({"error": "; ".join(parts) or "invalid request"}, 400)
+
+
+async def _unexpected(request: Request, exc: Exception) -> Response:
+    log.error("unhandled error on %s %s", request.method, request.url.path, exc_info=exc)
+    return json_response({"error": "internal server error"}, 500)
+
+
+def create_app(settings: Settings) -> FastAPI:
+    registry = Registry(settings)
+    plane = DataPlane(registry, settings)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        await registry.start()
+        try:
+            yield
+        finally:
+            await registry.close(settings.drain_timeout_s)
+
+    app = FastAPI(
+        title="textserve",
+        version=__version__,
+        summary="Multi-model CPU inference server for TensorFlow text classifiers",
+        lifespan=lifespan,
+    )
+    app.state.settings = settings
+    app.state.registry = registry
+    app.state.dataplane = plane
+    app.add_exception_handler(TextserveError, _textserve_error)
+    app.add_exception_handler(StarletteHTTPException, _http_error)
+    app.add_exception_handler(RequestValidationError, _validation_error)
+    app.add_exception_handler(Exception, _unexpected)
+    app.include_router(native.router(plane))
+    app.include_router(tfserving.router(plane))
+    app.include_router(v2.router(plane))
+
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema is None:
+            schema = get_openapi(
+                title=app.title,
+                version=app.version,
+                summary=app.summary,
+                routes=app.routes,
+            )
+            schema.setdefault("components", {}).setdefault("schemas", {}).update(
+                openapi_components()
+            )
+            app.openapi_schema = schema
+        return app.openapi_schema
+
+    app.openapi = openapi  # type: ignore[method-assign]
+    return app

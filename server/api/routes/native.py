@@ -1,0 +1,112 @@
+"""textserve's native routes: classify with one model or all, list and describe models.
+
+* ``POST /v1/models/{name}:classify``, ``POST /v1/models/{name}/versions/{v}:classify``:
+  ``{"texts": [...], "top_k": 1}`` → ``{"model", "version", "results": [{"label", "score",
+  "top_k": [{"label", "score"}, ...]}]}``, one result per text, in order.
+* ``POST /v1/classify``: ``{"texts": [...], "models": [...], "top_k": 1}`` (``models`` omitted:
+  every READY model) → ``{"models": [names], "results": {name: {"version", "results"}}}``;
+  the models run concurrently. One unknown/unready named model fails the whole request.
+* ``GET /v1/models``: every configured model with its versions, states, failure reasons,
+  labels, format, embedding, load/warm-up seconds and memory figures.
+* ``GET /v1/models/{name}``: one model; also TF Serving's status (see ``server.api.describe``).
+"""
+
+from __future__ import annotations
+
+from fastapi import APIRouter, Request
+from starlette.responses import Response
+
+from server.api import describe
+from server.api.body import json_response, read_json_object
+from server.api.schemas import (
+    ERROR_RESPONSES,
+    ClassifyRequest,
+    ClassifyResponse,
+    ErrorResponse,
+    ModelListResponse,
+    ModelStatusResponse,
+    MultiClassifyRequest,
+    MultiClassifyResponse,
+    parse_classify,
+    parse_multi_classify,
+    request_body,
+)
+from server.dataplane import DataPlane, labelled_results
+
+
+def router(plane: DataPlane) -> APIRouter:
+    api = APIRouter(tags=["native"])
+    limit = plane.settings.max_body_bytes
+    registry = plane.registry
+
+    async def _classify(name: str, version: str | None, request: Request) -> Response:
+        texts, top_k = parse_classify(await read_json_object(request, limit), plane)
+        answer = await plane.classify(name, version, texts)
+        mv = answer.model
+        return json_response(
+            {
+                "model": mv.name,
+                "version": str(mv.version),
+                "results": labelled_results(answer.probs, mv.labels, plane.cap_top_k(top_k, mv)),
+            }
+        )
+
+    @api.post(
+        "/v1/models/{name}:classify",
+        summary="Classify texts with a model's newest READY version",
+        response_model=ClassifyResponse,
+        responses=ERROR_RESPONSES,
+        openapi_extra=request_body(ClassifyRequest),
+    )
+    async def classify(name: str, request: Request) -> Response:
+        return await _classify(name, None, request)
+
+    @api.post(
+        "/v1/models/{name}/versions/{version}:classify",
+        summary="Classify texts with one model version",
+        response_model=ClassifyResponse,
+        responses=ERROR_RESPONSES,
+        openapi_extra=request_body(ClassifyRequest),
+    )
+    async def classify_version(name: str, version: str, request: Request) -> Response:
+        return await _classify(name, version, request)
+
+    @api.post(
+        "/v1/classify",
+        summary="Classify texts with several models at once",
+        response_model=MultiClassifyResponse,
+        responses=ERROR_RESPONSES,
+        openapi_extra=request_body(MultiClassifyRequest),
+    )
+    async def classify_many(request: Request) -> Response:
+        texts, models, top_k = parse_multi_classify(await read_json_object(request, limit), plane)
+        answers = await plane.classify_many(texts, models)
+        return json_response(
+            {
+                "models": [a.model.name for a in answers],
+                "results": {
+                    a.model.name: {
+                        "version": str(a.model.version),
+                        "results": labelled_results(
+                            a.probs, a.model.labels, plane.cap_top_k(top_k, a.model)
+                        ),
+                    }
+                    for a in answers
+                },
+            }
+        )
+
+    @api.get("/v1/models", summary="List models", response_model=ModelListResponse)
+    async def list_models() -> Response:
+        return json_response(describe.model_list(registry))
+
+    @api.get(
+        "/v1/models/{name}",
+        summary="Describe a model (also TF Serving's model status)",
+        response_model=ModelStatusResponse,
+        responses={404: {"model": ErrorResponse}},
+    )
+    async def model_status(name: str) -> Response:
+        return json_response(describe.model_status(registry, name))
+
+    return api

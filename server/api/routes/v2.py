@@ -1,0 +1,144 @@
+"""Open Inference Protocol (KServe V2 / Triton) routes.
+
+* ``GET /v2/health/live``: 200 ``{"live": true}`` while the process serves HTTP (also while
+  models load).
+* ``GET /v2/health/ready``: 200 ``{"ready": true}`` when the registry is ready (see
+  :mod:`server.registry`), else 503 ``{"ready": false, "error": ...}``.
+* ``GET /v2``: server metadata with the supported extensions.
+* ``GET /v2/models/{name}[/versions/{v}]``: model metadata (input ``text`` BYTES ``[-1]``,
+  output ``probs`` FP32 ``[-1, num_labels]``).
+* ``GET /v2/models/{name}[/versions/{v}]/ready``: 200 ``{"name", "ready": true}``, or 503 with
+  ``"ready": false`` and the reason (404 for an unknown model/version).
+* ``POST /v2/models/{name}[/versions/{v}]/infer``: see :mod:`server.api.v2_codec`.
+"""
+
+from __future__ import annotations
+
+from fastapi import APIRouter, Request
+from starlette.responses import Response
+
+from server.api import describe
+from server.api.body import OCTET_STREAM, check_content_type, json_response, read_body
+from server.api.schemas import (
+    ERROR_RESPONSES,
+    ErrorResponse,
+    V2InferRequest,
+    V2InferResponse,
+    V2Live,
+    V2ModelMetadata,
+    V2ModelReady,
+    V2Ready,
+    V2ServerMetadata,
+    request_body,
+)
+from server.api.v2_codec import HEADER_LENGTH, encode_infer_response, parse_infer
+from server.dataplane import DataPlane
+from server.errors import ModelNotReady
+
+_ALSO = frozenset({OCTET_STREAM})
+
+
+def router(plane: DataPlane) -> APIRouter:
+    api = APIRouter(tags=["v2"])
+    limit = plane.settings.max_body_bytes
+    max_top_k = plane.settings.max_top_k
+    registry = plane.registry
+
+    @api.get("/v2/health/live", summary="Liveness", response_model=V2Live)
+    async def live() -> Response:
+        return json_response({"live": registry.live}, 200 if registry.live else 503)
+
+    @api.get(
+        "/v2/health/ready",
+        summary="Readiness",
+        response_model=V2Ready,
+        responses={503: {"model": V2Ready}},
+    )
+    async def ready() -> Response:
+        if registry.ready:
+            return json_response({"ready": True})
+        return json_response({"ready": False, "error": "models are loading or none is ready"}, 503)
+
+    @api.get("/v2", summary="Server metadata", response_model=V2ServerMetadata)
+    async def server_metadata() -> Response:
+        return json_response(describe.v2_server_metadata())
+
+    async def _metadata(name: str, version: str | None) -> Response:
+        return json_response(describe.v2_model_metadata(registry, plane.resolve(name, version)))
+
+    @api.get(
+        "/v2/models/{name}",
+        summary="Model metadata",
+        response_model=V2ModelMetadata,
+        responses={404: {"model": ErrorResponse}, 503: {"model": ErrorResponse}},
+    )
+    async def model_metadata(name: str) -> Response:
+        return await _metadata(name, None)
+
+    @api.get(
+        "/v2/models/{name}/versions/{version}",
+        summary="Model version metadata",
+        response_model=V2ModelMetadata,
+        responses={404: {"model": ErrorResponse}, 503: {"model": ErrorResponse}},
+    )
+    async def version_metadata(name: str, version: str) -> Response:
+        return await _metadata(name, version)
+
+    def _ready(name: str, version: str | None) -> Response:
+        try:
+            plane.resolve(name, version)
+        except ModelNotReady as exc:
+            return json_response({"name": name, "ready": False, "error": exc.message}, 503)
+        return json_response({"name": name, "ready": True})
+
+    @api.get(
+        "/v2/models/{name}/ready",
+        summary="Model readiness",
+        response_model=V2ModelReady,
+        responses={404: {"model": ErrorResponse}, 503: {"model": V2ModelReady}},
+    )
+    async def model_ready(name: str) -> Response:
+        return _ready(name, None)
+
+    @api.get(
+        "/v2/models/{name}/versions/{version}/ready",
+        summary="Model version readiness",
+        response_model=V2ModelReady,
+        responses={404: {"model": ErrorResponse}, 503: {"model": V2ModelReady}},
+    )
+    async def version_ready(name: str, version: str) -> Response:
+        return _ready(name, version)
+
+    async def _infer(name: str, version: str | None, request: Request) -> Response:
+        check_content_type(request, _ALSO)
+        body = await read_body(request, limit)
+        infer = parse_infer(body, request.headers.get(HEADER_LENGTH), plane, max_top_k)
+        answer = await plane.classify(name, version, infer.texts)
+        mv = answer.model
+        content, headers = encode_infer_response(
+            infer, mv.name, mv.version, mv.labels, answer.probs
+        )
+        media = OCTET_STREAM if headers else "application/json"
+        return Response(content, headers=headers, media_type=media)
+
+    @api.post(
+        "/v2/models/{name}/infer",
+        summary="Inference with the newest READY version",
+        response_model=V2InferResponse,
+        responses=ERROR_RESPONSES,
+        openapi_extra=request_body(V2InferRequest),
+    )
+    async def infer(name: str, request: Request) -> Response:
+        return await _infer(name, None, request)
+
+    @api.post(
+        "/v2/models/{name}/versions/{version}/infer",
+        summary="Inference with one version",
+        response_model=V2InferResponse,
+        responses=ERROR_RESPONSES,
+        openapi_extra=request_body(V2InferRequest),
+    )
+    async def infer_version(name: str, version: str, request: Request) -> Response:
+        return await _infer(name, version, request)
+
+    return api

@@ -1,0 +1,101 @@
+"""``textserve serve``: serve a model repository over HTTP (uvicorn, one process).
+
+Settings come from :class:`~server.settings.Settings` (environment ``TEXTSERVE_*``, ``.env``);
+flags given on the command line override them. uvicorn runs with uvloop and httptools, the
+access log off unless ``--access-log``. On SIGINT/SIGTERM it stops accepting connections,
+lets in-flight requests finish (up to ``drain_timeout_s``), then drains the batchers and
+closes every session.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import math
+from pathlib import Path
+from typing import Any
+
+from pydantic import ValidationError
+
+from server.artifact import MODELS_YAML
+from server.errors import ConfigError, UsageError
+from server.settings import Settings
+
+# flag dest → Settings field (same name); type for argparse
+_FLAGS: dict[str, tuple[type, str]] = {
+    "repo": (Path, "model repository directory (holds models.yaml)"),
+    "host": (str, "address to bind"),
+    "port": (int, "TCP port (0 picks a free one)"),
+    "log_level": (str, "log level (debug, info, warning, error)"),
+    "intra_op_threads": (int, "TensorFlow intra-op threads per session"),
+    "inter_op_threads": (int, "TensorFlow inter-op threads per session"),
+    "inference_threads": (int, "threads running session.run (shared by all models)"),
+    "max_batch_size": (int, "default largest batch per session.run"),
+    "max_wait_ms": (float, "default longest wait for a batch to fill"),
+    "max_queue": (int, "default bound on queued texts per model version"),
+    "max_texts_per_request": (int, "more texts in one request answer 413"),
+    "max_text_chars": (int, "a longer text answers 413"),
+    "max_body_bytes": (int, "a larger body answers 413"),
+    "drain_timeout_s": (float, "on shutdown, how long in-flight work may take"),
+}
+
+
+def configure(parser: argparse.ArgumentParser) -> None:
+    for dest, (kind, help_text) in _FLAGS.items():
+        flag = "--" + dest.replace("_", "-")
+        parser.add_argument(flag, dest=dest, type=kind, default=None, help=help_text)
+    parser.add_argument(
+        "--no-warmup",
+        dest="warmup",
+        action="store_const",
+        const=False,
+        default=None,
+        help="mark models READY without running them on a few batch shapes first",
+    )
+    parser.add_argument(
+        "--access-log", action="store_true", help="log every request (slower; off by default)"
+    )
+
+
+def settings_from(args: argparse.Namespace) -> Settings:
+    overrides: dict[str, Any] = {
+        dest: getattr(args, dest)
+        for dest in (*_FLAGS, "warmup")
+        if getattr(args, dest, None) is not None
+    }
+    try:
+        return Settings(**overrides)
+    except ValidationError as exc:
+        details = "; ".join(
+            f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in exc.errors()
+        )
+        raise UsageError(f"invalid settings: {details}") from None
+
+
+def run(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from server.api.app import create_app
+
+    settings = settings_from(args)
+    if not (settings.repo / MODELS_YAML).is_file():
+        raise ConfigError(
+            f"{settings.repo / MODELS_YAML}: not found (build one with `textserve build-demo`)"
+        )
+    level = settings.log_level.upper()
+    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    config = uvicorn.Config(
+        create_app(settings),
+        host=settings.host,
+        port=settings.port,
+        loop="uvloop",
+        http="httptools",
+        lifespan="on",
+        access_log=bool(args.access_log),
+        log_level=settings.log_level.lower(),
+        timeout_graceful_shutdown=math.ceil(settings.drain_timeout_s),
+        server_header=False,
+    )
+    server = uvicorn.Server(config)
+    server.run()
+    return 0 if server.started else 1
