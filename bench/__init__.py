@@ -1,0 +1,1 @@
+"""Load benchmark helpers for ``textserve bench`` (see models/commands/bench.py)."""

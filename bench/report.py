@@ -1,0 +1,231 @@
+"""Benchmark report: the JSON written by ``textserve bench`` → Markdown tables and a PNG."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+KINDS = {"batch": "64 texts/request", "single": "1 text/request"}
+SERVERS = ("textserve", "naive")
+
+
+def _runs(model: dict[str, Any], server: str) -> list[dict[str, Any]]:
+    runs: list[dict[str, Any]] = model.get("servers", {}).get(server, {}).get("runs", [])
+    return runs
+
+
+def _find(model: dict[str, Any], server: str, kind: str, c: int) -> dict[str, Any] | None:
+    return next(
+        (r for r in _runs(model, server) if r["kind"] == kind and r["connections"] == c), None
+    )
+
+
+def _ratio(a: float | None, b: float | None) -> str:
+    if a is None or b is None or b == 0:
+        return "–"
+    return f"{a / b:.2f}"
+
+
+def _num(x: float | None, fmt: str = "{:,.0f}") -> str:
+    return "–" if x is None else fmt.format(x)
+
+
+def _get(run: dict[str, Any] | None, key: str) -> float | None:
+    return None if run is None else float(run[key])
+
+
+def markdown(result: dict[str, Any]) -> str:
+    meta = result["meta"]
+    lines = [
+        "# textserve load benchmark",
+        "",
+        f"Command: `{meta['command']}`  ",
+        f"Date: {meta['date']}, host: {meta['cpu_count']} CPUs ({meta['cpu_model']}), "
+        f"TensorFlow {meta['tensorflow']}, Python {meta['python']}.  ",
+        f"Mode: {meta['mode']}; each load point runs {meta['duration_s']:g} s "
+        f"(`wrk -t1 -cN -s bench/post.lua`, bodies from real WordNet glosses).  ",
+        f"CPUs: {meta['cpu_note']}",
+        "",
+        "Throughput counts texts in 2xx responses; latency is per request (wrk's distribution).",
+        "`vs ceiling` = HTTP texts/s ÷ in-process `Runtime.predict` texts/s at batch 64; "
+        "`ts/naive` = textserve texts/s ÷ naive texts/s at the same load.",
+        "",
+    ]
+    for model in result["models"]:
+        lines += _model_section(model)
+    return "\n".join(lines) + "\n"
+
+
+def _model_section(model: dict[str, Any]) -> list[str]:
+    ceiling = model["ceiling"]
+    rt = ceiling["runtime"]["texts_per_s"]
+    raw = ceiling.get("raw")
+    tok = ceiling.get("tokenize")
+    lines = [
+        f"## {model['title']}",
+        "",
+        f"Texts: {model['texts']} (mean {model['mean_tokens']:.1f} tokens).",
+        "",
+        "| in-process ceiling (batch 64) | texts/s | median call ms |",
+        "|---|---:|---:|",
+        f"| `Runtime.predict` (server's runtime, fed gather) | {rt:,.0f} | "
+        f"{ceiling['runtime']['p50_ms']:.2f} |",
+    ]
+    if raw:
+        lines.append(
+            f"| raw `session.run`, gather inside the graph | {raw['texts_per_s']:,.0f} | "
+            f"{raw['p50_ms']:.2f} |"
+        )
+    if tok:
+        lines.append(
+            f"| tokenize + pad only (1 thread) | {tok['texts_per_s']:,.0f} | {tok['p50_ms']:.2f} |"
+        )
+    lines += [
+        "",
+        "| request | conc. | textserve texts/s | p50 ms | p99 ms | naive texts/s | p50 ms | "
+        "p99 ms | ts/naive | ts vs ceiling | naive vs ceiling |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for kind, label in KINDS.items():
+        conns = sorted(
+            {r["connections"] for s in SERVERS for r in _runs(model, s) if r["kind"] == kind}
+        )
+        for c in conns:
+            t = _find(model, "textserve", kind, c)
+            n = _find(model, "naive", kind, c)
+            tt = t["texts_per_s"] if t else None
+            nt = n["texts_per_s"] if n else None
+            lines.append(
+                f"| {label} | {c} | {_num(tt)} | {_num(_get(t, 'p50_ms'), '{:.1f}')} | "
+                f"{_num(_get(t, 'p99_ms'), '{:.1f}')} | {_num(nt)} | "
+                f"{_num(_get(n, 'p50_ms'), '{:.1f}')} | {_num(_get(n, 'p99_ms'), '{:.1f}')} | "
+                f"{_ratio(tt, nt)} | {_ratio(tt, rt)} | {_ratio(nt, rt)} |"
+            )
+    lines += [
+        "",
+        "| server | request | conc. | non-2xx | socket errors | server cores | wrk cores |",
+    ]
+    lines.append("|---|---|---:|---:|---:|---:|---:|")
+    for s in SERVERS:
+        for r in _runs(model, s):
+            lines.append(
+                f"| {s} | {KINDS[r['kind']]} | {r['connections']} | {r['non_2xx']} | "
+                f"{r['socket_errors']} | {r['server_cores']:.2f} | {r['wrk_cores']:.2f} |"
+            )
+    for s in SERVERS:
+        info = model.get("servers", {}).get(s)
+        if info:
+            mem = info.get("memory", {})
+            lines.append("")
+            lines.append(
+                f"{s}: ready in {info['ready_s']:.1f} s; RSS {mem.get('rss', 0) / 2**20:,.0f} MiB, "
+                f"USS {mem.get('uss', 0) / 2**20:,.0f} MiB after the runs; "
+                f"settings {info.get('settings') or 'defaults'}."
+            )
+    lines += _ablation(model)
+    lines += _batcher(model.get("batcher"))
+    lines.append("")
+    return lines
+
+
+def _ablation(model: dict[str, Any]) -> list[str]:
+    runs = _runs(model, "textserve-max-wait-0")
+    if not runs:
+        return []
+    lines = [
+        "",
+        "max_wait_ms ablation (textserve, 1 text/request): default 2 ms vs 0 ms",
+        "",
+        "| conc. | 2 ms texts/s | p99 ms | 0 ms texts/s | p99 ms |",
+        "|---:|---:|---:|---:|---:|",
+    ]
+    for r in runs:
+        d = _find(model, "textserve", r["kind"], r["connections"])
+        lines.append(
+            f"| {r['connections']} | {_num(_get(d, 'texts_per_s'))} | "
+            f"{_num(_get(d, 'p99_ms'), '{:.1f}')} | {r['texts_per_s']:,.0f} | {r['p99_ms']:.1f} |"
+        )
+    return lines
+
+
+def _batcher(effects: dict[str, Any] | None) -> list[str]:
+    if not effects:
+        return []
+    lines = ["", "Batcher choices, measured in-process on the same runtime:", ""]
+    g = effects.get("length_grouping")
+    if g:
+        lines.append(
+            f"- length grouping, one request of {g['texts']} texts "
+            f"({g['tokens_min']}-{g['tokens_max']} tokens, median {g['tokens_median']}): "
+            f"arrival order {g['arrival_order']['median_ms']:.1f} ms "
+            f"({g['arrival_order']['padded_fraction']:.0%} padding) vs grouped "
+            f"{g['grouped']['median_ms']:.1f} ms ({g['grouped']['padded_fraction']:.0%} padding): "
+            f"{g['speedup']:.2f}x."
+        )
+    f = effects.get("in_flight")
+    if f:
+        one, two = f["max_in_flight_1"], f["max_in_flight_2"]
+        lines.append(
+            f"- predicts in flight, {f['clients']} closed-loop clients x 1 text: 1 → "
+            f"{one['texts_per_s']:,.0f} texts/s (p99 {one['p99_ms']:.1f} ms); 2 → "
+            f"{two['texts_per_s']:,.0f} texts/s (p99 {two['p99_ms']:.1f} ms)."
+        )
+    return lines
+
+
+def plot(result: dict[str, Any], path: Path) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    models = result["models"]
+    fig, axes = plt.subplots(len(models), 2, figsize=(11, 4.2 * len(models)), squeeze=False)
+    styles = {"textserve": "-", "naive": "--"}
+    markers = {"batch": "o", "single": "s"}
+    for row, model in zip(axes, models, strict=True):
+        tp, p99 = row
+        for s in SERVERS:
+            for kind, label in KINDS.items():
+                runs = sorted(
+                    (r for r in _runs(model, s) if r["kind"] == kind),
+                    key=lambda r: r["connections"],
+                )
+                if not runs:
+                    continue
+                xs = [r["connections"] for r in runs]
+                name = f"{s}, {label}"
+                tp.plot(
+                    xs,
+                    [r["texts_per_s"] for r in runs],
+                    styles[s],
+                    marker=markers[kind],
+                    label=name,
+                )
+                p99.plot(
+                    xs, [r["p99_ms"] for r in runs], styles[s], marker=markers[kind], label=name
+                )
+        ceiling = model["ceiling"]["runtime"]["texts_per_s"]
+        tp.axhline(ceiling, color="grey", linestyle=":", label="ceiling: Runtime.predict, batch 64")
+        tp.set(
+            xscale="log",
+            yscale="log",
+            xlabel="concurrent connections",
+            ylabel="texts/s",
+            title=f"{model['key']}: throughput",
+        )
+        p99.set(
+            xscale="log",
+            yscale="log",
+            xlabel="concurrent connections",
+            ylabel="p99 ms",
+            title=f"{model['key']}: p99 latency",
+        )
+        for ax in row:
+            ax.grid(True, which="both", alpha=0.3)
+        tp.legend(fontsize=7)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
