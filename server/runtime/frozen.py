@@ -1,0 +1,192 @@
+"""Formats ``frozen`` and ``frozen-selfcontained``: a frozen GraphDef (``model.pb``).
+
+``frozen``: the graph was exported with ``embedding/lookup`` as a placeholder; rows come from the
+shared embedding artifact.
+
+``frozen-selfcontained`` (the seed's way): the embedding is a constant inside the graph. It is
+cut out at load (:mod:`server.graph_surgery`) and registered in the store by content hash; when
+the same bytes are already loaded (the demo embedding, another version of the model) the
+graph's copy is dropped. When the registry passes an embedding directory (the model's
+embedding, or an override such as an int8 copy) that artifact is used instead of the cut
+matrix, after checking the cut matrix is the one the artifact was made from.
+
+Either way the session never sees a large constant, so its first run is as fast as any other
+(importing the seed's graph naively costs ~13-18 s and +1.5 GiB on the first run).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from server.artifact import EmbeddingManifest, ModelManifest
+from server.embeddings import EmbeddingStore, SharedEmbedding, array_sha256
+from server.errors import ArtifactError
+from server.graph_surgery import (
+    constant_bytes,
+    cut_embedding,
+    node_name,
+    read_graph_def,
+    require_nodes,
+    tensor_name,
+)
+from server.runtime.session_runtime import SessionRuntime, new_session
+from server.text import Tokenizer
+
+MODEL_PB = "model.pb"
+
+
+def _import(graph_def: Any, where: Path) -> Any:
+    import tensorflow as tf
+
+    graph = tf.Graph()
+    try:
+        with graph.as_default():
+            tf.compat.v1.import_graph_def(graph_def, name="")
+    except (ValueError, tf.errors.OpError) as exc:
+        message = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ArtifactError(f"{where}: cannot import the graph: {message}") from exc
+    graph.finalize()
+    return graph
+
+
+def _has_node(graph_def: Any, name: str | None) -> bool:
+    return name is not None and any(n.name == node_name(name) for n in graph_def.node)
+
+
+def build_graph_runtime(
+    graph_def: Any,
+    manifest: ModelManifest,
+    *,
+    where: Path,
+    tokenizer: Tokenizer,
+    store: EmbeddingStore,
+    embedding: SharedEmbedding,
+    embedded: str,
+    intra_op_threads: int,
+    inter_op_threads: int,
+) -> SessionRuntime:
+    """Session runtime over an embedding-external ``graph_def``; owns ``embedding``'s reference."""
+    try:
+        tensors = manifest.tensors
+        own = constant_bytes(graph_def)
+        dropout = tensors.dropout if _has_node(graph_def, tensors.dropout) else None
+        graph = _import(graph_def, where)
+        session = new_session(graph, intra_op_threads, inter_op_threads)
+    except BaseException:
+        store.release(embedding)
+        raise
+    return SessionRuntime(
+        manifest=manifest,
+        tokenizer=tokenizer,
+        graph=graph,
+        session=session,
+        store=store,
+        embedding=embedding,
+        own_bytes=own,
+        input_ids=tensor_name(tensors.input_ids),
+        embedded=tensor_name(embedded),
+        output=tensor_name(tensors.output),
+        dropout=None if dropout is None else tensor_name(dropout),
+        apply_softmax=manifest.apply_softmax,
+    )
+
+
+def load_frozen(
+    version_dir: Path,
+    manifest: ModelManifest,
+    *,
+    tokenizer: Tokenizer,
+    store: EmbeddingStore,
+    embedding: SharedEmbedding,
+    intra_op_threads: int,
+    inter_op_threads: int,
+) -> SessionRuntime:
+    """Format ``frozen``: the graph feeds on ``tensors.embedded``; takes ``embedding``'s ref."""
+    path = Path(version_dir) / MODEL_PB
+    try:
+        embedded = manifest.tensors.embedded
+        if embedded is None:
+            raise ArtifactError(f"{version_dir}/model.json: tensors.embedded is required")
+        graph_def = read_graph_def(path)
+        require_nodes(
+            graph_def, [manifest.tensors.input_ids, embedded, manifest.tensors.output], str(path)
+        )
+    except BaseException:
+        store.release(embedding)
+        raise
+    return build_graph_runtime(
+        graph_def,
+        manifest,
+        where=path,
+        tokenizer=tokenizer,
+        store=store,
+        embedding=embedding,
+        embedded=embedded,
+        intra_op_threads=intra_op_threads,
+        inter_op_threads=inter_op_threads,
+    )
+
+
+def load_selfcontained(
+    version_dir: Path,
+    manifest: ModelManifest,
+    *,
+    tokenizer: Tokenizer,
+    store: EmbeddingStore,
+    embedding_dir: Path | None,
+    embedding_manifest: EmbeddingManifest | None,
+    intra_op_threads: int,
+    inter_op_threads: int,
+) -> SessionRuntime:
+    """Formats ``frozen-selfcontained`` and ``imported``: cut the embedding, share it.
+
+    The lookup cut is ``tensors.embedded`` when the graph has it, else the graph's single
+    Gather of a 2-D float32 constant.
+    """
+    path = Path(version_dir) / MODEL_PB
+    tensors = manifest.tensors
+    graph_def = read_graph_def(path)
+    embedded = tensors.embedded
+    if embedded is not None and not _has_node(graph_def, embedded):
+        # The graph's lookup has another name (e.g. "embedding_1/lookup" when the exporter
+        # opened the "embedding" scope twice): the single Gather of a matrix is found instead.
+        embedded = None
+    keep = [tensors.input_ids, tensors.output]
+    require_nodes(graph_def, keep, str(path))
+    if _has_node(graph_def, tensors.dropout):
+        assert tensors.dropout is not None
+        keep.append(tensors.dropout)
+    try:
+        cut = cut_embedding(graph_def, keep, embedded)
+    except ArtifactError as exc:
+        raise ArtifactError(f"{path}: {exc.message}") from exc
+    del graph_def
+    matrix = cut.matrix
+    embedding: SharedEmbedding
+    if embedding_dir is not None:
+        assert embedding_manifest is not None
+        cut_sha = array_sha256(matrix)
+        if cut_sha not in (embedding_manifest.sha256, embedding_manifest.source_sha256):
+            raise ArtifactError(
+                f"{path}: the graph's embedding (sha256 {cut_sha[:12]}…) is not the one "
+                f"embedding {embedding_manifest.name!r} was made from"
+            )
+        del matrix, cut_sha
+        embedding = store.acquire(embedding_dir)
+    else:
+        embedding = store.register_array(matrix, name=f"{manifest.name}/{cut.site.const}")
+        del matrix
+    graph_def, placeholder = cut.graph_def, cut.placeholder
+    del cut
+    return build_graph_runtime(
+        graph_def,
+        manifest,
+        where=path,
+        tokenizer=tokenizer,
+        store=store,
+        embedding=embedding,
+        embedded=placeholder,
+        intra_op_threads=intra_op_threads,
+        inter_op_threads=inter_op_threads,
+    )

@@ -1,0 +1,207 @@
+"""The session-backed runtime every format ends up as: one tf.Graph + one Session per version.
+
+The graph has a float32 placeholder where the embedding lookup was (``embedding/lookup`` for
+textserve graphs). ``predict`` gathers the batch's rows from the shared embedding into a
+per-thread aligned buffer, feeds them with the ids (textserve graphs derive lengths from them)
+and 1.0 for dropout, and runs a callable made once at load (``Session.make_callable``), so the
+per-batch cost is one gather plus one ``session.run``. TensorFlow releases the GIL while it
+runs, so predicts for different models proceed in parallel on worker threads.
+
+Load runs the graph once on a one-row batch: graph optimisation happens then, not on the
+first request, and the output width is checked against the labels.
+"""
+
+from __future__ import annotations
+
+import threading
+from typing import Any
+
+import numpy as np
+
+from server.artifact import PAD_ID, ModelManifest
+from server.embeddings import EmbeddingStore, ScratchBuffers, SharedEmbedding
+from server.errors import ArtifactError, BadRequest, ModelNotReady
+from server.runtime.base import ProbArray, Runtime
+from server.text import IdArray, Tokenizer
+
+Session = Any  # tf.compat.v1.Session
+Graph = Any  # tf.Graph
+
+
+def new_session(graph: Graph, intra_op_threads: int, inter_op_threads: int) -> Session:
+    """A TF1 session on ``graph`` with its own thread counts (0 = TensorFlow's default)."""
+    import tensorflow as tf
+
+    config = tf.compat.v1.ConfigProto(
+        intra_op_parallelism_threads=intra_op_threads,
+        inter_op_parallelism_threads=inter_op_threads,
+        allow_soft_placement=True,
+    )
+    return tf.compat.v1.Session(graph=graph, config=config)
+
+
+def fit_length(ids: IdArray, *, fixed: int | None, minimum: int) -> IdArray:
+    """Pad (with PAD_ID) or truncate ``ids`` to ``fixed`` columns, else pad up to ``minimum``."""
+    width = ids.shape[1]
+    target = fixed if fixed is not None else max(width, minimum)
+    if width == target:
+        return ids
+    out = np.full((ids.shape[0], target), PAD_ID, dtype=np.int32)
+    n = min(width, target)
+    out[:, :n] = ids[:, :n]
+    return out
+
+
+def softmax(logits: ProbArray) -> ProbArray:
+    """Row-wise softmax in float32, stable for large logits."""
+    shifted: ProbArray = logits - logits.max(axis=1, keepdims=True)
+    np.exp(shifted, out=shifted)
+    shifted /= shifted.sum(axis=1, keepdims=True)
+    return shifted
+
+
+class SessionRuntime(Runtime):
+    """A loaded model version: a session whose embedding rows come from the store."""
+
+    def __init__(
+        self,
+        *,
+        manifest: ModelManifest,
+        tokenizer: Tokenizer,
+        graph: Graph,
+        session: Session,
+        store: EmbeddingStore,
+        embedding: SharedEmbedding,
+        own_bytes: int,
+        input_ids: str,
+        embedded: str,
+        output: str,
+        dropout: str | None,
+        apply_softmax: bool,
+    ) -> None:
+        """Takes ownership of ``session`` and of one store reference to ``embedding``.
+
+        On any error here both are released before the error propagates.
+        """
+        self.manifest = manifest
+        self.tokenizer = tokenizer
+        self._graph = graph
+        self._session = session
+        self._store = store
+        self._embedding: SharedEmbedding | None = embedding
+        self._own_bytes = own_bytes
+        self._apply_softmax = apply_softmax
+        self._fixed_len = tokenizer.spec.fixed_len
+        self._min_len = tokenizer.spec.min_len
+        self._scratch = ScratchBuffers()
+        self._close_lock = threading.Lock()
+        self._closed = False
+        try:
+            self._check_vocabulary()
+            fetch = graph.get_tensor_by_name(output)
+            feeds = [graph.get_tensor_by_name(input_ids), graph.get_tensor_by_name(embedded)]
+            self._feed_dropout = dropout is not None
+            if dropout is not None:
+                feeds.append(graph.get_tensor_by_name(dropout))
+            self._check_embedded(feeds[1])
+            self._keep_prob = np.array(1.0, dtype=np.float32)
+            self._run = session.make_callable(fetch, feeds)
+            self._warm_up()
+        except BaseException:
+            self.close()
+            raise
+
+    # -- load-time checks ---------------------------------------------------------------------
+
+    def _check_vocabulary(self) -> None:
+        assert self._embedding is not None
+        if len(self.tokenizer.vocab) > self._embedding.rows:
+            raise ArtifactError(
+                f"{self.manifest.name} v{self.manifest.version}: vocabulary has "
+                f"{len(self.tokenizer.vocab)} tokens but embedding {self._embedding.name!r} "
+                f"has {self._embedding.rows} rows"
+            )
+
+    def _check_embedded(self, tensor: Any) -> None:
+        assert self._embedding is not None
+        if tensor.dtype.name != "float32" or tensor.op.type != "Placeholder":
+            raise ArtifactError(
+                f"{self.manifest.name} v{self.manifest.version}: {tensor.name} must be a "
+                f"float32 placeholder the runtime feeds, got {tensor.op.type} {tensor.dtype.name}"
+            )
+        dim = tensor.shape[-1] if tensor.shape.rank else None
+        if dim is not None and dim != self._embedding.dim:
+            raise ArtifactError(
+                f"{self.manifest.name} v{self.manifest.version}: graph expects {dim}-dim "
+                f"embeddings, embedding {self._embedding.name!r} has {self._embedding.dim}"
+            )
+
+    def _warm_up(self) -> None:
+        width = self._fixed_len or self._min_len
+        probs = self.predict(np.zeros((1, width), dtype=np.int32))
+        if probs.shape != (1, len(self.labels)):
+            raise ArtifactError(
+                f"{self.manifest.name} v{self.manifest.version}: the graph outputs "
+                f"{probs.shape[1:]} values per text but model.json has {len(self.labels)} labels"
+            )
+
+    # -- Runtime ------------------------------------------------------------------------------
+
+    def predict(self, ids: IdArray) -> ProbArray:
+        embedding = self._embedding
+        if embedding is None:
+            raise ModelNotReady(f"{self.manifest.name} v{self.manifest.version} is unloaded")
+        batch = np.asarray(ids)
+        if batch.ndim != 2:
+            raise BadRequest(f"token ids must be [batch, length], got shape {batch.shape}")
+        if not np.issubdtype(batch.dtype, np.integer):
+            raise BadRequest(f"token ids must be integers, got {batch.dtype}")
+        batch = np.ascontiguousarray(batch, dtype=np.int32)
+        batch = fit_length(batch, fixed=self._fixed_len, minimum=self._min_len)
+        if batch.shape[0] == 0:
+            return np.zeros((0, len(self.labels)), dtype=np.float32)
+        rows = embedding.lookup(batch, out=self._scratch.get((*batch.shape, embedding.dim)))
+        try:
+            if self._feed_dropout:
+                out = self._run(batch, rows, self._keep_prob)
+            else:
+                out = self._run(batch, rows)
+        except RuntimeError as exc:  # the session was closed under us
+            if self._closed:
+                raise ModelNotReady(
+                    f"{self.manifest.name} v{self.manifest.version} is unloaded"
+                ) from exc
+            raise
+        result = np.asarray(out, dtype=np.float32)
+        if self._apply_softmax:
+            result = softmax(result.copy() if not result.flags.writeable else result)
+        return result
+
+    @property
+    def own_bytes(self) -> int:
+        return self._own_bytes
+
+    @property
+    def embedding(self) -> SharedEmbedding | None:
+        """The shared embedding this runtime reads (None once closed)."""
+        return self._embedding
+
+    @property
+    def embedding_key(self) -> str | None:
+        return None if self._embedding is None else self._embedding.sha256
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    def close(self) -> None:
+        with self._close_lock:
+            if self._closed:
+                return
+            self._closed = True
+            embedding, self._embedding = self._embedding, None
+            try:
+                self._session.close()
+            finally:
+                if embedding is not None:
+                    self._store.release(embedding)

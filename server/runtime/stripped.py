@@ -1,0 +1,109 @@
+"""Format ``stripped``: trainable variables only (``model.ckpt.*``), graph rebuilt from model.json.
+
+The graph is :func:`server.graph.build_cnn` with ``lookup=None`` (``embedding/lookup`` is a
+placeholder), so it has no embedding variable at all; the checkpoint's variables are restored
+with ``tf.compat.v1.train.Saver(var_list=...)``. Checkpoint names and shapes are checked first,
+so a missing variable or a wrong architecture gives a one-line ArtifactError.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from server.artifact import ModelManifest
+from server.embeddings import EmbeddingStore, SharedEmbedding
+from server.errors import ArtifactError
+from server.runtime.session_runtime import SessionRuntime, new_session
+from server.text import Tokenizer
+
+CHECKPOINT_PREFIX = "model.ckpt"
+"""``<version>/model.ckpt.index`` + ``model.ckpt.data-*``."""
+
+
+def _first_line(message: str) -> str:
+    return message.strip().splitlines()[0] if message.strip() else message
+
+
+def load_stripped(
+    version_dir: Path,
+    manifest: ModelManifest,
+    *,
+    tokenizer: Tokenizer,
+    store: EmbeddingStore,
+    embedding: SharedEmbedding,
+    intra_op_threads: int,
+    inter_op_threads: int,
+) -> SessionRuntime:
+    """Build the runtime; takes ownership of one store reference to ``embedding``."""
+    import tensorflow as tf
+
+    from server.graph import build_cnn
+
+    try:
+        spec = manifest.architecture
+        if spec is None:
+            raise ArtifactError(
+                f"{version_dir}: a stripped model needs 'architecture' in model.json"
+            )
+        if spec.embedding_dim != embedding.dim:
+            raise ArtifactError(
+                f"{version_dir}: architecture.embedding_dim {spec.embedding_dim} != embedding "
+                f"{embedding.name!r} dim {embedding.dim}"
+            )
+        prefix = Path(version_dir) / CHECKPOINT_PREFIX
+        if not prefix.with_name(prefix.name + ".index").is_file():
+            raise ArtifactError(f"{prefix}.index: checkpoint not found")
+        try:
+            stored = dict(tf.train.list_variables(str(prefix)))
+        except (tf.errors.OpError, ValueError) as exc:
+            raise ArtifactError(
+                f"{prefix}: unreadable checkpoint: {_first_line(str(exc))}"
+            ) from exc
+
+        graph = tf.Graph()
+        with graph.as_default():
+            net = build_cnn(spec, lookup=None)
+            variables = {v.op.name: v for v in tf.compat.v1.trainable_variables()}
+            for name, var in variables.items():
+                if name not in stored:
+                    raise ArtifactError(f"{prefix}: variable {name!r} missing from the checkpoint")
+                if list(stored[name]) != var.shape.as_list():
+                    raise ArtifactError(
+                        f"{prefix}: variable {name!r} has shape {stored[name]} in the checkpoint, "
+                        f"the architecture in model.json needs {var.shape.as_list()}"
+                    )
+            saver = tf.compat.v1.train.Saver(var_list=variables, allow_empty=False)
+        own_bytes = sum(v.shape.num_elements() * v.dtype.size for v in variables.values())
+        session = new_session(graph, intra_op_threads, inter_op_threads)
+    except BaseException:
+        store.release(embedding)
+        raise
+    try:
+        with graph.as_default():  # Saver.restore must not see eager mode
+            saver.restore(session, str(prefix))
+    except (tf.errors.OpError, ValueError) as exc:
+        session.close()
+        store.release(embedding)
+        raise ArtifactError(
+            f"{prefix}: cannot restore checkpoint: {_first_line(str(exc))}"
+        ) from exc
+    except BaseException:
+        session.close()
+        store.release(embedding)
+        raise
+    graph.finalize()
+    dropout = manifest.tensors.dropout
+    return SessionRuntime(
+        manifest=manifest,
+        tokenizer=tokenizer,
+        graph=graph,
+        session=session,
+        store=store,
+        embedding=embedding,
+        own_bytes=own_bytes,
+        input_ids=net.input_x.name,
+        embedded=net.embedded.name,
+        output=net.probs.name,
+        dropout=net.dropout_keep_prob.name if dropout is not None else None,
+        apply_softmax=False,
+    )
