@@ -39,7 +39,7 @@ from server.artifact import (
 )
 from server.cli import main
 from server.errors import ArtifactError, UsageError
-from server.text import Vocabulary
+from server.text import Vocabulary, tokenize
 
 F32 = npt.NDArray[np.float32]
 
@@ -513,3 +513,137 @@ def test_cli_prune_and_errors(tmp_path: Path, capsys: pytest.CaptureFixture[str]
     assert main([*argv, "--sparsity", "2"]) == 2
     assert "sparsity must be in [0, 1)" in capsys.readouterr().err
     assert main(["compress", "--repo", str(tmp_path), "int8"]) == 2  # --embedding missing
+
+
+# ---------------------------------------------------------------------------------------------
+# Round trips through the serving side: EmbeddingStore lookups and load_runtime predictions
+
+
+def test_store_lookup_of_each_strategy_matches_float32(repo: Path) -> None:
+    from server.embeddings import EmbeddingStore
+
+    store = EmbeddingStore()
+    base = store.acquire(repo / "embeddings/base")
+    ids = np.array([[0, 1, 2, 5, 6, 7], [200, 150, 100, 50, 8, 9]], dtype=np.int32)
+    exact = base.lookup(ids)
+    src = load_npy(repo / "embeddings/base/matrix.npy")
+    assert np.array_equal(exact, src[ids])
+
+    half = store.acquire(compress.to_float16(repo, "base").path)
+    got = half.lookup(ids)
+    assert np.all(np.abs(got - exact) <= np.abs(exact) * 2.0**-11 + 2.0**-24)
+
+    q = store.acquire(compress.to_int8(repo, "base").path)
+    assert q.matrix.dtype == np.int8  # kept int8 in RAM; only gathered rows dequantized
+    assert q.nbytes == q.matrix.nbytes + src.shape[0] * 4
+    got = q.lookup(ids)
+    assert q.scales is not None
+    bound = q.scales[ids][..., None] / 2
+    assert np.all(np.abs(got - exact) <= bound * (1 + 1e-5) + np.abs(exact) * 1e-6)
+
+    result = compress.prune_vocabulary(repo, "base", ["w3 w100 w3"], keep=2)
+    pruned = store.acquire(result.path)
+    vocab = Vocabulary.load(result.path / VOCAB_TXT)
+    src_vocab = Vocabulary.load(repo / "embeddings/base/vocab.txt")
+    words = ["w3", "w100", "w7", "<pad>"]
+    new_rows = pruned.lookup(np.array([vocab.ids(words)], dtype=np.int32))[0]
+    old_rows = base.lookup(np.array([src_vocab.ids(words)], dtype=np.int32))[0]
+    assert np.array_equal(new_rows[[0, 1, 3]], old_rows[[0, 1, 3]])
+    assert np.array_equal(new_rows[2], src[OOV_ID])  # w7 was not kept: the OOV row
+
+
+@pytest.fixture(scope="module")
+def demo_repo(small_repo: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A private copy of the shared small_repo (compression writes into it)."""
+    import shutil
+
+    repo = tmp_path_factory.mktemp("compress") / "repo"
+    shutil.copytree(small_repo, repo)
+    return repo
+
+
+@pytest.fixture(scope="module")
+def test_texts() -> dict[str, tuple[str, ...]]:
+    from models.demo import load_demo_datasets
+
+    return {name: ds.test.texts for name, ds in load_demo_datasets(quick=True).items()}
+
+
+def _predict(
+    repo: Path, model: str, version: int, embedding: str, texts: tuple[str, ...]
+) -> npt.NDArray[np.float32]:
+    from server.embeddings import EmbeddingStore
+    from server.runtime.loader import load_runtime
+
+    runtime = load_runtime(
+        repo / model / str(version),
+        store=EmbeddingStore(),
+        embedding_dir=repo / EMBEDDINGS_DIR / embedding,
+        intra_op_threads=1,
+        inter_op_threads=1,
+    )
+    try:
+        return runtime.predict(runtime.tokenizer.encode_batch(list(texts)))
+    finally:
+        runtime.close()
+
+
+def test_each_embedding_strategy_serves_the_exported_models(
+    demo_repo: Path, test_texts: dict[str, tuple[str, ...]]
+) -> None:
+    from models.demo import QUICK_EMBEDDING
+
+    names = list(test_texts)
+    f16 = compress.to_float16(demo_repo, QUICK_EMBEDDING, use_for=names)
+    i8 = compress.to_int8(demo_repo, QUICK_EMBEDDING)
+    everything = [t for texts in test_texts.values() for t in texts]
+    vocab = Vocabulary.load(demo_repo / EMBEDDINGS_DIR / QUICK_EMBEDDING / VOCAB_TXT)
+    known = {i for t in everything for i in vocab.ids(tokenize(t))} - {OOV_ID}
+    full_vocab = compress.prune_vocabulary(
+        demo_repo, QUICK_EMBEDDING, everything, keep=len(known), name="test-vocab"
+    )
+    small_vocab = compress.prune_vocabulary(demo_repo, QUICK_EMBEDDING, everything, keep=300)
+    assert full_vocab.manifest.rows == len(known) + 2
+    assert full_vocab.manifest.rows < 0.5 * full_vocab.source.rows
+    for model, texts in test_texts.items():
+        for version in (1, 2):  # stripped and frozen
+            ref = _predict(demo_repo, model, version, QUICK_EMBEDDING, texts)
+            top = ref.argmax(axis=1)
+            p16 = _predict(demo_repo, model, version, f16.name, texts)
+            assert np.abs(p16 - ref).max() < 2e-3, model
+            assert np.mean(p16.argmax(axis=1) == top) >= 0.99
+            p8 = _predict(demo_repo, model, version, i8.name, texts)
+            assert np.abs(p8 - ref).max() < 0.05, model
+            assert np.mean(p8.argmax(axis=1) == top) >= 0.95  # near-ties of a weak model
+            # Every word of these texts kept: bit-identical rows, identical probabilities.
+            pv = _predict(demo_repo, model, version, full_vocab.name, texts)
+            np.testing.assert_allclose(pv, ref, rtol=0, atol=1e-6)
+            ps = _predict(demo_repo, model, version, small_vocab.name, texts)
+            assert ps.shape == ref.shape
+            assert np.allclose(ps.sum(axis=1), 1.0, atol=1e-5)
+    config = load_repository_config(demo_repo)
+    assert all(m.embedding == f16.name for m in config.models)
+
+
+def test_pruned_versions_serve_and_agree_across_formats(
+    demo_repo: Path, test_texts: dict[str, tuple[str, ...]]
+) -> None:
+    from models.demo import QUICK_EMBEDDING
+
+    model = "pos"
+    texts = test_texts[model]
+    ref = _predict(demo_repo, model, 1, QUICK_EMBEDDING, texts)
+    same = compress.prune_model(demo_repo, model, 0.0, version=1)
+    np.testing.assert_allclose(
+        _predict(demo_repo, model, same.version, QUICK_EMBEDDING, texts), ref, rtol=0, atol=1e-6
+    )
+    from_stripped = compress.prune_model(demo_repo, model, 0.5, version=1)
+    from_frozen = compress.prune_model(demo_repo, model, 0.5, version=2)
+    assert from_stripped.format is ModelFormat.STRIPPED
+    assert from_frozen.format is ModelFormat.FROZEN
+    a = _predict(demo_repo, model, from_stripped.version, QUICK_EMBEDDING, texts)
+    b = _predict(demo_repo, model, from_frozen.version, QUICK_EMBEDDING, texts)
+    np.testing.assert_allclose(a, b, rtol=0, atol=1e-5)  # same weights, same zeros
+    assert not np.allclose(a, ref, atol=1e-3)  # pruning really changed the model
+    assert from_stripped.sizes.gzip < from_stripped.source_sizes.gzip
+    assert from_frozen.sizes.gzip < from_frozen.source_sizes.gzip
