@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import threading
 import time
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -13,7 +14,13 @@ import pytest
 from prometheus_client import CollectorRegistry
 from prometheus_client.parser import text_string_to_metric_families
 
-from server.artifact import CnnSpec, ModelFormat, ModelManifest, TokenizerSpec
+from server.artifact import (
+    CnnSpec,
+    ModelFormat,
+    ModelManifest,
+    TokenizerSpec,
+    load_repository_config,
+)
 from server.memory import MemoryMonitor, ProcessMemory, process_memory
 from server.metrics import Metrics
 from server.runtime.base import ProbArray, Runtime
@@ -293,3 +300,52 @@ def test_figures_feed_the_prometheus_gauges() -> None:
     process = "textserve_process_memory_bytes"
     assert samples[(process, (("kind", "rss"),))] == latest.rss
     assert samples[(process, (("kind", "uss"),))] == latest.uss
+
+
+def test_real_runtimes_share_one_store_embedding(small_repo: Path) -> None:
+    from server.embeddings import EmbeddingStore
+    from server.runtime.loader import load_runtime
+
+    store = EmbeddingStore()
+
+    def sizer(key: str) -> int | None:
+        held = store.get(key)
+        return None if held is None else held.nbytes
+
+    monitor = MemoryMonitor(embedding_sizer=sizer)
+    config = load_repository_config(small_repo)
+    (emb,) = config.embeddings
+    runtimes = []
+    try:
+        for model, version in (("noun-topic", 1), ("verb-topic", 2), ("pos", 1)):
+            with monitor.track(model, version) as tracking:
+                rt = load_runtime(
+                    small_repo / model / str(version),
+                    store=store,
+                    embedding_dir=small_repo / emb.path,
+                    intra_op_threads=1,
+                    inter_op_threads=1,
+                )
+                runtimes.append(rt)
+                rt.predict(rt.tokenizer.encode_batch(["a small test", "of memory"]))
+                tracking.attach(rt, embedding_name=emb.name)
+        (held,) = store.embeddings()
+        models = monitor.models()
+        assert [m.sharers for m in models] == [3, 3, 3]
+        assert {m.embedding_bytes for m in models} == {held.nbytes}
+        for m, rt in zip(models, sorted(runtimes, key=lambda r: r.manifest.name), strict=True):
+            assert m.own_bytes == rt.own_bytes > 0
+        totals = monitor.report()["totals"]
+        assert totals["embedding_bytes"] == held.nbytes
+        assert totals["attributed_bytes"] == sum(rt.own_bytes for rt in runtimes) + held.nbytes
+        # The first load mapped and hashed the embedding file: its pages became resident.
+        first = monitor.get("noun-topic", 1)
+        assert first is not None
+        assert first.growth is not None
+        assert first.growth.rss >= 0.9 * held.nbytes
+        runtimes.pop().close()
+        assert monitor.unregister("pos", 1)
+        assert [m.sharers for m in monitor.models()] == [2, 2]
+    finally:
+        for rt in runtimes:
+            rt.close()
