@@ -135,12 +135,6 @@ class DataPlane:
         encode = runtime.tokenizer.encode
         return await batcher.submit([encode(t) for t in texts])
 
-    async def classify(
-        self, name: str, version: str | int | None, texts: Sequence[str]
-    ) -> Classified:
-        mv = self.resolve(name, version)
-        return Classified(mv, await self.probabilities(mv, texts))
-
     async def classify_many(
         self, texts: Sequence[str], models: Sequence[str] | None
     ) -> list[Classified]:

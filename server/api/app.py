@@ -28,7 +28,7 @@ from server.api.body import json_response
 from server.api.routes import native, tfserving, v2
 from server.api.schemas import openapi_components
 from server.dataplane import DataPlane
-from server.errors import TextserveError
+from server.errors import NotFound, TextserveError
 from server.registry import Registry
 from server.settings import Settings
 
@@ -93,6 +93,11 @@ def create_app(settings: Settings) -> FastAPI:
     app.include_router(native.router(plane))
     app.include_router(tfserving.router(plane))
     app.include_router(v2.router(plane))
+
+    @app.post("/v1/models/{name}:{action}", include_in_schema=False)
+    @app.post("/v1/models/{name}/versions/{version}:{action}", include_in_schema=False)
+    async def unknown_action(name: str, action: str) -> Response:
+        raise NotFound(f"unknown action {action!r}; use :classify or :predict")
 
     def openapi() -> dict[str, Any]:
         if app.openapi_schema is None:

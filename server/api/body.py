@@ -72,7 +72,7 @@ async def read_body(request: Request, limit: int) -> bytes:
     async for chunk in request.stream():
         size += len(chunk)
         if size > limit:
-            raise PayloadTooLarge(f"request body over {limit} bytes")
+            raise PayloadTooLarge(f"request body over the limit of {limit} bytes")
         if chunk:
             chunks.append(chunk)
     return chunks[0] if len(chunks) == 1 else b"".join(chunks)

@@ -15,7 +15,9 @@ import pytest
 from server.artifact import MODEL_JSON
 from server.errors import ModelNotFound, ModelNotReady, VersionNotFound
 from server.registry import ModelState, Registry, VersionState, warm_up
+from server.runtime.base import ProbArray, Runtime
 from server.settings import Settings
+from server.text import IdArray
 from tests.server.conftest import add_broken_model, copy_repo, edit_models_yaml
 
 T = TypeVar("T")
@@ -30,7 +32,7 @@ def repo(small_repo: Path, tmp_path: Path) -> Path:
 
 def only(repo: Path, **models: dict[str, object]) -> None:
     """Make models.yaml configure exactly ``models`` (name → config)."""
-    current = [m["name"] for m in _models(repo)]
+    current = [str(m["name"]) for m in _models(repo)]
     edit_models_yaml(repo, {name: None for name in current})
     edit_models_yaml(repo, {name: cfg for name, cfg in models.items()})
 
@@ -355,28 +357,49 @@ def test_close_drains_queued_work(repo: Path) -> None:
     asyncio.run(main())
 
 
+class Recording(Runtime):
+    """A real runtime that also records the shape of every batch it is given."""
+
+    def __init__(self, inner: Runtime) -> None:
+        self.inner = inner
+        self.manifest = inner.manifest
+        self.tokenizer = inner.tokenizer
+        self.shapes: list[tuple[int, ...]] = []
+
+    def predict(self, ids: IdArray) -> ProbArray:
+        self.shapes.append(ids.shape)
+        return self.inner.predict(ids)
+
+    @property
+    def own_bytes(self) -> int:
+        return self.inner.own_bytes
+
+    @property
+    def embedding_key(self) -> str | None:
+        return self.inner.embedding_key
+
+    def close(self) -> None:
+        pass  # the registry owns the inner runtime
+
+
 def test_warm_up_runs_bounded_shapes(repo: Path) -> None:
     only(repo, noun={"base_path": "noun-topic"})
 
     async def body(registry: Registry) -> None:
         runtime = registry.get("noun").runtime
         assert runtime is not None
-        shapes: list[tuple[int, ...]] = []
-        predict = runtime.predict
-
-        class Recording:
-            tokenizer = runtime.tokenizer
-            labels = runtime.labels
-
-            def predict(self, ids: np.ndarray) -> np.ndarray:  # type: ignore[type-arg]
-                shapes.append(ids.shape)
-                return predict(ids)
-
-        runs = warm_up(Recording(), 64)  # type: ignore[arg-type]
-        assert runs == 6
-        assert sorted(shapes) == [(1, 8), (1, 100), (32, 8), (32, 100), (64, 8), (64, 100)]
-        shapes.clear()
-        warm_up(Recording(), 1024)  # type: ignore[arg-type]
-        assert max(b * t for b, t in shapes) <= 8192
+        recording = Recording(runtime)
+        assert warm_up(recording, 64) == 6
+        assert sorted(recording.shapes) == [
+            (1, 8),
+            (1, 100),
+            (32, 8),
+            (32, 100),
+            (64, 8),
+            (64, 100),
+        ]
+        recording.shapes.clear()
+        warm_up(recording, 1024)
+        assert max(b * t for b, t in recording.shapes) <= 8192
 
     with_registry(settings(repo, warmup=False), body)

@@ -40,14 +40,14 @@ def router(plane: DataPlane) -> APIRouter:
     registry = plane.registry
 
     async def _classify(name: str, version: str | None, request: Request) -> Response:
+        mv = plane.resolve(name, version)
         texts, top_k = parse_classify(await read_json_object(request, limit), plane)
-        answer = await plane.classify(name, version, texts)
-        mv = answer.model
+        probs = await plane.probabilities(mv, texts)
         return json_response(
             {
                 "model": mv.name,
                 "version": str(mv.version),
-                "results": labelled_results(answer.probs, mv.labels, plane.cap_top_k(top_k, mv)),
+                "results": labelled_results(probs, mv.labels, plane.cap_top_k(top_k, mv)),
             }
         )
 

@@ -44,10 +44,11 @@ def router(plane: DataPlane) -> APIRouter:
     registry = plane.registry
 
     async def _predict(name: str, version: str | None, request: Request) -> Response:
+        mv = plane.resolve(name, version)
         texts, columnar = parse_predict(await read_json_object(request, limit, _ALSO), plane)
-        answer = await plane.classify(name, version, texts)
+        probs = await plane.probabilities(mv, texts)
         key = "outputs" if columnar else "predictions"
-        return json_response({key: np.ascontiguousarray(answer.probs)})
+        return json_response({key: np.ascontiguousarray(probs)})
 
     @api.post(
         "/v1/models/{name}:predict",

@@ -110,14 +110,12 @@ def router(plane: DataPlane) -> APIRouter:
         return _ready(name, version)
 
     async def _infer(name: str, version: str | None, request: Request) -> Response:
+        mv = plane.resolve(name, version)
         check_content_type(request, _ALSO)
         body = await read_body(request, limit)
         infer = parse_infer(body, request.headers.get(HEADER_LENGTH), plane, max_top_k)
-        answer = await plane.classify(name, version, infer.texts)
-        mv = answer.model
-        content, headers = encode_infer_response(
-            infer, mv.name, mv.version, mv.labels, answer.probs
-        )
+        probs = await plane.probabilities(mv, infer.texts)
+        content, headers = encode_infer_response(infer, mv.name, mv.version, mv.labels, probs)
         media = OCTET_STREAM if headers else "application/json"
         return Response(content, headers=headers, media_type=media)
 
