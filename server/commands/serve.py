@@ -10,14 +10,18 @@ closes every session.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import math
+import signal
+import threading
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 from pydantic import ValidationError
 
-from server.artifact import MODELS_YAML
+from server.artifact import MODELS_YAML, load_repository_config
 from server.errors import ConfigError, UsageError
 from server.settings import Settings
 
@@ -73,15 +77,17 @@ def settings_from(args: argparse.Namespace) -> Settings:
 
 
 def run(args: argparse.Namespace) -> int:
-    import uvicorn
-
-    from server.api.app import create_app
-
     settings = settings_from(args)
     if not (settings.repo / MODELS_YAML).is_file():
         raise ConfigError(
             f"{settings.repo / MODELS_YAML}: not found (build one with `textserve build-demo`)"
         )
+    load_repository_config(settings.repo)  # a broken models.yaml: one line, exit status 1
+
+    import uvicorn
+
+    from server.api.app import create_app
+
     level = settings.log_level.upper()
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     config = uvicorn.Config(
@@ -96,6 +102,32 @@ def run(args: argparse.Namespace) -> int:
         timeout_graceful_shutdown=math.ceil(settings.drain_timeout_s),
         server_header=False,
     )
-    server = uvicorn.Server(config)
+    server = _server_class()(config)
     server.run()
     return 0 if server.started else 1
+
+
+def _server_class() -> type[Any]:
+    import uvicorn
+
+    class Server(uvicorn.Server):
+        """uvicorn's server, except that a drained shutdown on SIGTERM/SIGINT exits with 0.
+
+        (uvicorn re-raises the signal after its graceful shutdown, so the process would die of
+        it — status 143 — after having finished every request.)
+        """
+
+        @contextlib.contextmanager
+        def capture_signals(self) -> Iterator[None]:
+            if threading.current_thread() is not threading.main_thread():
+                yield
+                return
+            handled = (signal.SIGINT, signal.SIGTERM)
+            previous = {sig: signal.signal(sig, self.handle_exit) for sig in handled}
+            try:
+                yield
+            finally:
+                for sig, handler in previous.items():
+                    signal.signal(sig, handler)
+
+    return Server
