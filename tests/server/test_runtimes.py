@@ -411,3 +411,201 @@ def test_unservable_format(small: SmallRepo, tmp_path: Path) -> None:
     write_manifest(version, name="m", fmt=ModelFormat.CHECKPOINT, spec=SPEC, embedding=small.ref)
     with pytest.raises(ArtifactError, match="not servable"):
         _load(version, EmbeddingStore(), small.emb_dir)
+
+
+# -- a self-contained graph with a seed-scale embedding -----------------------------------------
+
+BIG_ROWS, BIG_DIM = 220_000, 300
+"""The seed's scale (265 MB float32). Loading it naively costs ~15-25 s of the test's ~50 s."""
+
+_NAIVE = r"""
+import json, statistics, sys, time
+import numpy as np
+import tensorflow as tf
+from server.memory import process_memory
+
+v1 = tf.compat.v1
+pb, rows = sys.argv[1], int(sys.argv[2])
+ids = np.random.default_rng(1).integers(2, rows, size=(64, 50)).astype(np.int32)
+before = process_memory().rss
+graph_def = v1.GraphDef()
+with open(pb, "rb") as f:
+    graph_def.ParseFromString(f.read())
+graph = tf.Graph()
+with graph.as_default():
+    v1.import_graph_def(graph_def, name="")
+del graph_def
+config = v1.ConfigProto(intra_op_parallelism_threads=2, inter_op_parallelism_threads=1)
+session = v1.Session(graph=graph, config=config)
+loaded = process_memory().rss
+t = time.perf_counter()
+session.run("output/probs:0", {"input_x:0": ids})
+first = time.perf_counter() - t
+after_first = process_memory().rss
+runs = []
+for _ in range(15):
+    t = time.perf_counter()
+    session.run("output/probs:0", {"input_x:0": ids})
+    runs.append(time.perf_counter() - t)
+print(json.dumps({"first_s": first, "steady_s": statistics.median(runs),
+                  "load_growth": loaded - before, "growth": after_first - before}))
+"""
+
+_TEXTSERVE = r"""
+import json, statistics, sys, time
+from pathlib import Path
+import numpy as np
+import tensorflow as tf
+from server.embeddings import EmbeddingStore
+from server.memory import process_memory
+from server.runtime.loader import load_runtime
+
+version_dir, emb_dir, mode = Path(sys.argv[1]), Path(sys.argv[2]), sys.argv[3]
+store = EmbeddingStore()
+held = store.acquire(emb_dir) if mode == "shared" else None
+rows = 220_000 if held is None else held.rows
+ids = np.random.default_rng(1).integers(2, 1000, size=(64, 50)).astype(np.int32)
+before = process_memory().rss
+t = time.perf_counter()
+runtime = load_runtime(version_dir, store=store, embedding_dir=None,
+                       intra_op_threads=2, inter_op_threads=1)
+load_s = time.perf_counter() - t
+loaded = process_memory().rss
+t = time.perf_counter()
+runtime.predict(ids)
+first = time.perf_counter() - t
+after_first = process_memory().rss
+runs = []
+for _ in range(15):
+    t = time.perf_counter()
+    runtime.predict(ids)
+    runs.append(time.perf_counter() - t)
+print(json.dumps({"first_s": first, "steady_s": statistics.median(runs), "load_s": load_s,
+                  "load_growth": loaded - before, "growth": after_first - before,
+                  "own_bytes": runtime.own_bytes, "embedding_bytes": runtime.embedding.nbytes,
+                  "shared": runtime.embedding is held, "store_size": len(store)}))
+"""
+
+
+def _run_script(script: str, *args: str) -> dict[str, float]:
+    import json
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"}
+    root = Path(__file__).resolve().parents[2]
+    proc = subprocess.run(
+        [sys.executable, "-c", script, *args],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=root,
+        env=env,
+        check=False,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result: dict[str, float] = json.loads(proc.stdout.strip().splitlines()[-1])
+    return result
+
+
+def _write_big_selfcontained(version_dir: Path, matrix: np.ndarray, spec: CnnSpec) -> None:
+    """model.pb with ``matrix`` frozen in as the ``embedding/W`` constant, the seed's way.
+
+    The small graph is frozen by TensorFlow; the big constant's NodeDef is serialized on its
+    own and appended (concatenated GraphDefs merge their repeated ``node`` field), so the
+    test process never holds the graph twice.
+    """
+    import tensorflow as tf
+
+    v1 = tf.compat.v1
+    graph = tf.Graph()
+    with graph.as_default():
+        table = v1.placeholder(tf.float32, matrix.shape, name="embedding/W")
+        build_cnn_with_table(spec, table)
+        with v1.Session(graph=graph) as session:
+            session.run(v1.global_variables_initializer())
+            small_gd = v1.graph_util.convert_variables_to_constants(
+                session, graph.as_graph_def(), ["output/probs", "output/predictions"]
+            )
+    kept = v1.GraphDef()
+    kept.versions.CopyFrom(small_gd.versions)
+    for node in small_gd.node:
+        if node.name != "embedding/W":
+            kept.node.add().CopyFrom(node)
+    const = v1.GraphDef()
+    node = const.node.add()
+    node.name = "embedding/W"
+    node.op = "Const"
+    node.attr["dtype"].type = tf.float32.as_datatype_enum
+    node.attr["value"].tensor.dtype = tf.float32.as_datatype_enum
+    node.attr["value"].tensor.tensor_shape.CopyFrom(tf.TensorShape(matrix.shape).as_proto())
+    node.attr["value"].tensor.tensor_content = matrix.tobytes()
+    version_dir.mkdir(parents=True)
+    with open(version_dir / "model.pb", "wb") as f:
+        f.write(kept.SerializeToString())
+        f.write(const.SerializeToString())
+
+
+def build_cnn_with_table(spec: CnnSpec, table: object) -> None:
+    import tensorflow as tf
+
+    from server.graph import build_cnn
+
+    build_cnn(spec, lookup=lambda x: tf.gather(table, x), seed=4)
+
+
+def test_large_selfcontained_graph_naive_vs_textserve(tmp_path: Path) -> None:
+    """(a) naive import: slow, huge first run; (b) textserve: fast first predict, small growth."""
+    spec = CnnSpec(embedding_dim=BIG_DIM, filter_widths=(1, 2, 3), num_filters=128, num_classes=4)
+    matrix = random_matrix(BIG_ROWS, BIG_DIM, seed=21)
+    emb_dir = write_embedding(tmp_path, "seed", matrix)
+    version = tmp_path / "seed-model" / "1"
+    _write_big_selfcontained(version, matrix, spec)
+    del matrix
+    write_vocab(version / "vocab.txt", 1000)
+    write_manifest(
+        version,
+        name="seed-model",
+        fmt=ModelFormat.FROZEN_SELFCONTAINED,
+        spec=spec,
+        vocab="vocab.txt",
+    )
+    emb_bytes = BIG_ROWS * BIG_DIM * 4
+
+    import time
+
+    t = time.perf_counter()
+    naive = _run_script(_NAIVE, str(version / "model.pb"), str(BIG_ROWS))
+    t_naive = time.perf_counter() - t
+    shared = _run_script(_TEXTSERVE, str(version), str(emb_dir), "shared")
+    alone = _run_script(_TEXTSERVE, str(version), str(emb_dir), "alone")
+    t_ts = time.perf_counter() - t - t_naive
+    print(f"\nnaive subprocess {t_naive:.1f} s, two textserve subprocesses {t_ts:.1f} s")
+
+    def line(what: str, r: dict[str, float]) -> str:
+        return (
+            f"\n{what}: first {r['first_s'] * 1e3:.1f} ms, steady {r['steady_s'] * 1e3:.1f} ms, "
+            f"RSS +{r['growth'] / MiB:.1f} MiB (+{r['load_growth'] / MiB:.1f} MiB after load)"
+            + (f", load {r['load_s']:.2f} s" if "load_s" in r else "")
+        )
+
+    print(
+        line("naive import_graph_def + Session", naive)
+        + line("textserve, embedding already in the store", shared)
+        + line("textserve, embedding not in the store", alone)
+        + f"\nembedding {emb_bytes / MiB:.0f} MiB, own weights {shared['own_bytes'] / MiB:.2f} MiB"
+    )
+    # (a) the effect exists: a first run many times slower than steady state, and a lot of RSS
+    assert naive["first_s"] > 10 * naive["steady_s"]
+    assert naive["growth"] > 2 * emb_bytes
+    # (b) textserve: the first predict is an ordinary one, and no second copy of the matrix
+    for result in (shared, alone):
+        assert result["first_s"] <= 3 * result["steady_s"]
+        assert result["embedding_bytes"] == emb_bytes
+        assert result["store_size"] == 1
+    assert shared["shared"] is True
+    own = shared["own_bytes"]
+    assert 0 < own < 4 * MiB
+    assert shared["growth"] < own + 48 * MiB  # the session's own overhead is ~20 MiB
+    assert alone["growth"] < emb_bytes + own + 64 * MiB
