@@ -26,7 +26,7 @@ from starlette.responses import Response
 from server import __version__
 from server.api.body import json_response
 from server.api.routes import native, tfserving, v2
-from server.api.schemas import openapi_components
+from server.api.schemas import ErrorResponse, openapi_components
 from server.dataplane import DataPlane
 from server.errors import NotFound, TextserveError
 from server.registry import Registry
@@ -63,6 +63,25 @@ async def _validation_error(request: Request, exc: Exception) -> Response:
 async def _unexpected(request: Request, exc: Exception) -> Response:
     log.error("unhandled error on %s %s", request.method, request.url.path, exc_info=exc)
     return json_response({"error": "internal server error"}, 500)
+
+
+def _document_400_not_422(schema: dict[str, Any]) -> None:
+    """FastAPI documents 422 for routes with parameters; textserve answers 400 instead."""
+    error = {
+        "description": "Bad request",
+        "content": {"application/json": {"schema": {"$ref": "#/components/schemas/ErrorResponse"}}},
+    }
+    for operations in schema.get("paths", {}).values():
+        for operation in operations.values():
+            responses = operation.get("responses", {})
+            if responses.pop("422", None) is not None:
+                responses.setdefault("400", error)
+    schemas = schema.get("components", {}).get("schemas", {})
+    text = repr(schema.get("paths"))
+    for unused in ("HTTPValidationError", "ValidationError"):
+        if f"#/components/schemas/{unused}" not in text:
+            schemas.pop(unused, None)
+    schemas.setdefault("ErrorResponse", ErrorResponse.model_json_schema())
 
 
 def create_app(settings: Settings) -> FastAPI:
@@ -107,9 +126,9 @@ def create_app(settings: Settings) -> FastAPI:
                 summary=app.summary,
                 routes=app.routes,
             )
-            schema.setdefault("components", {}).setdefault("schemas", {}).update(
-                openapi_components()
-            )
+            schemas = schema.setdefault("components", {}).setdefault("schemas", {})
+            schemas.update(openapi_components())
+            _document_400_not_422(schema)
             app.openapi_schema = schema
         return app.openapi_schema
 

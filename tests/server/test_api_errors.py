@@ -175,3 +175,44 @@ def test_empty_and_whitespace_texts_are_classified(client: httpx.Client) -> None
 def test_the_server_still_serves(client: httpx.Client) -> None:
     assert client.get("/v2/health/ready").status_code == 200
     assert client.post(CLASSIFY, json={"texts": ["quickly"]}).status_code == 200
+
+
+def test_openapi_documents_the_raw_body_routes(client: httpx.Client) -> None:
+    import json
+    import re
+
+    import jsonschema  # type: ignore[import-untyped]
+
+    doc = client.get("/openapi.json").json()
+    schemas = doc["components"]["schemas"]
+    assert set(re.findall(r'"#/components/schemas/([^"]+)"', json.dumps(doc))) <= set(schemas)
+    posts = {p: ops["post"] for p, ops in doc["paths"].items() if "post" in ops}
+    assert set(posts) == {
+        "/v1/classify",
+        "/v1/models/{name}:classify",
+        "/v1/models/{name}/versions/{version}:classify",
+        "/v1/models/{name}:predict",
+        "/v1/models/{name}/versions/{version}:predict",
+        "/v2/models/{name}/infer",
+        "/v2/models/{name}/versions/{version}/infer",
+    }
+    for op in posts.values():
+        assert op["requestBody"]["content"]["application/json"]["schema"]["$ref"]
+        assert {"400", "404", "413", "415", "503"} <= set(op["responses"])
+    for ops in doc["paths"].values():
+        for op in ops.values():
+            assert "422" not in op["responses"]
+
+    def validator(name: str) -> jsonschema.Draft202012Validator:
+        root = {"$ref": f"#/components/schemas/{name}", "components": doc["components"]}
+        return jsonschema.Draft202012Validator(root)
+
+    classify = validator("ClassifyRequest")
+    assert classify.is_valid({"texts": ["a"], "top_k": 2})
+    assert not classify.is_valid({"texts": []})
+    assert not classify.is_valid({"texts": ["a"], "extra": 1})
+    infer = validator("V2InferRequest")
+    assert infer.is_valid(
+        {"inputs": [{"name": "text", "datatype": "BYTES", "shape": [1], "data": ["a"]}]}
+    )
+    assert not infer.is_valid({"inputs": "a"})
