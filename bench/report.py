@@ -42,13 +42,17 @@ def markdown(result: dict[str, Any]) -> str:
         f"Command: `{meta['command']}`  ",
         f"Date: {meta['date']}, host: {meta['cpu_count']} CPUs ({meta['cpu_model']}), "
         f"TensorFlow {meta['tensorflow']}, Python {meta['python']}.  ",
-        f"Mode: {meta['mode']}; each load point runs {meta['duration_s']:g} s "
+        f"Mode: {meta['mode']}; each load point runs {meta['duration_s']:g} s, "
+        f"{meta['repeats']} time(s), servers interleaved back to back "
         f"(`wrk -t1 -cN -s bench/post.lua`, bodies from real WordNet glosses).  ",
         f"CPUs: {meta['cpu_note']}",
         "",
-        "Throughput counts texts in 2xx responses; latency is per request (wrk's distribution).",
+        "Throughput counts texts in 2xx responses; latency is per request (wrk's distribution). "
+        "Figures are medians over the repetitions.",
         "`vs ceiling` = HTTP texts/s ÷ in-process `Runtime.predict` texts/s at batch 64; "
-        "`ts/naive` = textserve texts/s ÷ naive texts/s at the same load.",
+        "`ts/naive` = textserve texts/s ÷ naive texts/s, median of the back-to-back pairs.",
+        f"Machine load (1-min load average) during the runs: {meta.get('loadavg', '–')}; "
+        "other work shared these cores, so compare ratios, not absolute figures.",
         "",
     ]
     for model in result["models"]:
@@ -95,11 +99,13 @@ def _model_section(model: dict[str, Any]) -> list[str]:
             n = _find(model, "naive", kind, c)
             tt = t["texts_per_s"] if t else None
             nt = n["texts_per_s"] if n else None
+            paired = t.get("paired_ratio_vs_naive") if t else None
+            vs_naive = f"{paired:.2f}" if paired is not None else _ratio(tt, nt)
             lines.append(
                 f"| {label} | {c} | {_num(tt)} | {_num(_get(t, 'p50_ms'), '{:.1f}')} | "
                 f"{_num(_get(t, 'p99_ms'), '{:.1f}')} | {_num(nt)} | "
                 f"{_num(_get(n, 'p50_ms'), '{:.1f}')} | {_num(_get(n, 'p99_ms'), '{:.1f}')} | "
-                f"{_ratio(tt, nt)} | {_ratio(tt, rt)} | {_ratio(nt, rt)} |"
+                f"{vs_naive} | {_ratio(tt, rt)} | {_ratio(nt, rt)} |"
             )
     lines += [
         "",

@@ -1,9 +1,13 @@
 """One benchmark run: per model, in-process ceiling, textserve and the naive server side by side.
 
-For each model both servers are started first (each its own process, pinned to the server
-CPUs) and polled until they answer; then, with both idle, the in-process ceilings are measured
-in this process; then wrk drives each server in turn through every (request kind, concurrency)
-point. Nothing else of ours runs while a point is measured.
+For each model the servers (textserve, the naive server and, unless disabled, textserve with
+``max_wait_ms=0``) are started together, each its own process pinned to the server CPUs, and
+polled until they answer; this process loads the same runtime for the in-process ceiling.
+Then, ``repeats`` times: the ceiling is sampled, and for every (request kind, concurrency)
+point wrk drives each server in turn, back to back, alternating which goes first. Only one
+thing is measured at a time; the others sit idle. Reported figures are medians over the
+repetitions, and textserve/naive ratios are medians of the back-to-back pairs: the machine
+is shared, so only figures taken side by side are compared.
 """
 
 from __future__ import annotations
@@ -12,11 +16,12 @@ import gc
 import json
 import os
 import platform
+import statistics
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 from bench import batcher_effects, ceiling
 from bench.models import QUICK, SEED, BenchModel, build_random_repo, demo_model
@@ -25,6 +30,7 @@ from bench.texts import gloss_texts, joined_texts, mean_tokens, write_bodies
 from bench.wrk import run_wrk
 
 Log = Callable[[str], None]
+WAIT0 = "textserve-max-wait-0"
 
 
 @dataclass
@@ -37,6 +43,7 @@ class Options:
     quick: bool
     demo_repo: Path | None
     server_cpus: Sequence[int]
+    repeats: int = 3
     batch_texts: int = 64
     ablation: bool = True
     effects: bool = True
@@ -60,42 +67,66 @@ def _build(key: str, opts: Options, texts: Sequence[str]) -> BenchModel:
     raise ValueError(f"unknown model {key!r} (quick, demo, seed)")
 
 
-def _drive(
-    server: Server,
-    bodies: dict[str, Path],
-    opts: Options,
-    kinds: Sequence[str],
-    concurrency: Sequence[int],
-) -> list[dict[str, Any]]:
-    runs = []
-    for kind in kinds:
-        per_request = opts.batch_texts if kind == "batch" else 1
-        for c in concurrency:
-            cpu0 = server.cpu_seconds()
-            r = run_wrk(
-                server.url,
-                bodies[kind],
-                connections=c,
-                duration_s=opts.duration_s,
-                texts_per_request=per_request,
-            )
-            cpu = server.cpu_seconds() - cpu0
-            row = {"kind": kind, **r.as_dict()}
-            row["server_cpu_s"] = cpu
-            row["server_cores"] = cpu / r.duration_s
-            row["wrk_cores"] = r.wrk_cpu_s / r.duration_s
-            runs.append(row)
-            opts.log(
-                f"  {server.kind:9s} {kind:6s} c={c:<3d} {r.texts_per_s:10,.0f} texts/s  "
-                f"p50 {r.p50_ms:7.1f} ms  p99 {r.p99_ms:7.1f} ms  non-2xx {r.non_2xx}  "
-                f"server {row['server_cores']:.2f} cores, wrk {row['wrk_cores']:.2f}"
-            )
-    return runs
+def _point(
+    server: Server, bodies: dict[str, Path], opts: Options, kind: str, c: int
+) -> dict[str, Any]:
+    """One wrk run against ``server`` at one load point, with the server's CPU use."""
+    per_request = opts.batch_texts if kind == "batch" else 1
+    load = os.getloadavg()[0]
+    cpu0 = server.cpu_seconds()
+    r = run_wrk(
+        server.url,
+        bodies[kind],
+        connections=c,
+        duration_s=opts.duration_s,
+        texts_per_request=per_request,
+    )
+    cpu = server.cpu_seconds() - cpu0
+    row = {"kind": kind, **r.as_dict()}
+    row["server_cpu_s"] = cpu
+    row["server_cores"] = cpu / r.duration_s
+    row["wrk_cores"] = r.wrk_cpu_s / r.duration_s
+    row["loadavg_1m"] = load
+    opts.log(
+        f"  {server.kind:9s} {kind:6s} c={c:<3d} {r.texts_per_s:10,.0f} texts/s  "
+        f"p50 {r.p50_ms:7.1f} ms  p99 {r.p99_ms:7.1f} ms  non-2xx {r.non_2xx}  "
+        f"server {row['server_cores']:.2f} cores, wrk {row['wrk_cores']:.2f}, load {load:.1f}"
+    )
+    return row
 
 
-def _warm(server: Server, bodies: dict[str, Path], opts: Options) -> None:
-    run_wrk(server.url, bodies["batch"], connections=4, duration_s=1, texts_per_request=1)
+def _warm(server: Server, bodies: dict[str, Path]) -> None:
+    run_wrk(server.url, bodies["batch"], connections=4, duration_s=1, texts_per_request=64)
     run_wrk(server.url, bodies["single"], connections=8, duration_s=1, texts_per_request=1)
+
+
+def _median(rows: Sequence[dict[str, Any]], key: str) -> float:
+    return float(statistics.median(r[key] for r in rows))
+
+
+def aggregate(samples: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """Medians over the repetitions of one (server, kind, concurrency) point."""
+    first = samples[0]
+    row: dict[str, Any] = {"kind": first["kind"], "connections": first["connections"]}
+    for key in (
+        "texts_per_s",
+        "requests_per_s",
+        "p50_ms",
+        "p90_ms",
+        "p99_ms",
+        "max_ms",
+        "mean_ms",
+        "server_cores",
+        "wrk_cores",
+        "duration_s",
+        "loadavg_1m",
+    ):
+        row[key] = _median(samples, key)
+    for key in ("requests", "non_2xx", "socket_errors"):
+        row[key] = sum(int(s[key]) for s in samples)
+    row["repetitions"] = len(samples)
+    row["samples"] = list(samples)
+    return row
 
 
 def bench_model(key: str, glosses: Sequence[str], opts: Options) -> dict[str, Any]:
@@ -111,25 +142,56 @@ def bench_model(key: str, glosses: Sequence[str], opts: Options) -> dict[str, An
     }
     probe = bodies["single"].read_text(encoding="utf-8").splitlines()[0].encode()
     cpus = opts.server_cpus
+    points = [(kind, c) for kind in ("batch", "single") for c in opts.concurrency]
+    ablation_points = {("single", c) for c in opts.concurrency if c > 1} if opts.ablation else set()
 
     servers: dict[str, Server] = {}
+    ready: dict[str, float] = {}
     started = time.monotonic()
     try:
+        # All servers load at once; each then sits idle while another is measured.
         servers["textserve"] = start_textserve(model, workdir / "textserve.log", cpus)
         servers["naive"] = start_naive(model, workdir / "naive.log", cpus)
-        ready = {name: wait_ready(s, probe) for name, s in servers.items()}
+        if ablation_points:
+            servers[WAIT0] = start_textserve(
+                model, workdir / "textserve-wait0.log", cpus, {"max_wait_ms": "0"}
+            )
+        for name, s in servers.items():
+            wait_ready(s, probe)
+            ready[name] = time.monotonic() - started
         log(f"[{key}] servers ready in {time.monotonic() - started:.1f} s")
-
-        log(f"[{key}] in-process ceiling")
-        ceil_s = max(1.0, opts.duration_s / 2)
         runtime = ceiling.load_server_runtime(model)
         try:
+            for s in servers.values():
+                _warm(s, bodies)
+            ceil_s = max(1.0, opts.duration_s / 2)
+            ceil_samples: list[ceiling.Rate] = []
+            samples: dict[str, dict[tuple[str, int], list[dict[str, Any]]]] = {
+                name: {} for name in servers
+            }
+            for rep in range(opts.repeats):
+                log(f"[{key}] repetition {rep + 1}/{opts.repeats}")
+                ceil_samples.append(ceiling.runtime_rate(runtime, texts, ceil_s))
+                log(f"  ceiling   Runtime.predict {ceil_samples[-1].texts_per_s:10,.0f} texts/s")
+                for i, point in enumerate(points):
+                    names = ["textserve", "naive"]
+                    if point in ablation_points:
+                        names.append(WAIT0)
+                    shift = (rep + i) % len(names)  # alternate who goes first
+                    for name in names[shift:] + names[:shift]:
+                        row = _point(servers[name], bodies, opts, *point)
+                        samples[name].setdefault(point, []).append(row)
+            memory = {name: s.memory() for name, s in servers.items()}
+            for s in servers.values():
+                stop(s)
             ceil: dict[str, Any] = {
-                "runtime": ceiling.runtime_rate(runtime, texts, ceil_s).as_dict(),
+                "runtime": _median_rate(ceil_samples),
+                "runtime_samples": [r.as_dict() for r in ceil_samples],
                 "tokenize": ceiling.tokenize_rate(runtime.tokenizer, texts, ceil_s).as_dict(),
             }
             effects: dict[str, Any] = {}
             if opts.effects:
+                log(f"[{key}] batcher effects (in-process)")
                 mixed = _mixed_lengths(glosses, texts, key)
                 effects["length_grouping"] = batcher_effects.length_grouping(
                     runtime, mixed, reps=2 if opts.quick else 5
@@ -140,41 +202,20 @@ def bench_model(key: str, glosses: Sequence[str], opts: Options) -> dict[str, An
         raw = ceiling.raw_rate(model, texts, ceil_s)
         ceil["raw"] = raw.as_dict() if raw else None
         gc.collect()
-        log(
-            f"  ceiling: Runtime.predict {ceil['runtime']['texts_per_s']:,.0f} texts/s"
-            + (f", raw session.run {raw.texts_per_s:,.0f} texts/s" if raw else "")
-        )
-
-        server_results: dict[str, Any] = {}
-        kinds = ("batch", "single")
-        for name, server in servers.items():
-            _warm(server, bodies, opts)
-            runs = _drive(server, bodies, opts, kinds, opts.concurrency)
-            server_results[name] = {
-                "ready_s": ready[name],
-                "settings": server.settings if name == "textserve" else {},
-                "cpus": list(server.cpus),
-                "memory": server.memory(),
-                "runs": runs,
-            }
-            stop(server)
-        if opts.ablation:
-            log(f"[{key}] textserve with max_wait_ms=0")
-            s0 = start_textserve(model, workdir / "textserve-wait0.log", cpus, {"max_wait_ms": "0"})
-            servers["textserve-max-wait-0"] = s0
-            t_ready = wait_ready(s0, probe)
-            _warm(s0, bodies, opts)
-            conc = [c for c in opts.concurrency if c > 1]
-            server_results["textserve-max-wait-0"] = {
-                "ready_s": t_ready,
-                "settings": s0.settings,
-                "cpus": list(s0.cpus),
-                "memory": s0.memory(),
-                "runs": _drive(s0, bodies, opts, ("single",), conc),
-            }
     finally:
         for s in servers.values():
             stop(s)
+    server_results: dict[str, Any] = {}
+    for name, s in servers.items():
+        runs = [aggregate(rows) for rows in samples[name].values()]
+        server_results[name] = {
+            "ready_s": ready[name],
+            "settings": _effective_settings(s.settings) if s.kind == "textserve" else {},
+            "cpus": list(s.cpus),
+            "memory": memory[name],
+            "runs": runs,
+        }
+    _paired_ratios(server_results, samples)
     return {
         "key": key,
         "title": model.title,
@@ -186,6 +227,38 @@ def bench_model(key: str, glosses: Sequence[str], opts: Options) -> dict[str, An
         "batcher": effects,
         "servers": server_results,
     }
+
+
+def _effective_settings(env: dict[str, str]) -> dict[str, Any]:
+    """The batching and thread settings the textserve process ran with (defaults + env)."""
+    from server.settings import Settings
+
+    prefix = "TEXTSERVE_"
+    overrides = {k[len(prefix) :].lower(): v for k, v in env.items() if k.startswith(prefix)}
+    settings = Settings(**cast(dict[str, Any], overrides))  # and TEXTSERVE_* from os.environ
+    keys = ("max_batch_size", "max_wait_ms", "max_queue", "inference_threads")
+    return {k: getattr(settings, k) for k in (*keys, "intra_op_threads", "inter_op_threads")}
+
+
+def _median_rate(rates: Sequence[ceiling.Rate]) -> dict[str, Any]:
+    best = sorted(rates, key=lambda r: r.texts_per_s)[len(rates) // 2]
+    return best.as_dict()
+
+
+def _paired_ratios(
+    results: dict[str, Any], samples: dict[str, dict[tuple[str, int], list[dict[str, Any]]]]
+) -> None:
+    """textserve/naive per repetition (the two ran back to back), median over repetitions."""
+    for run in results["textserve"]["runs"]:
+        point = (run["kind"], run["connections"])
+        ts = samples["textserve"].get(point, [])
+        nv = samples["naive"].get(point, [])
+        ratios = [
+            a["texts_per_s"] / b["texts_per_s"]
+            for a, b in zip(ts, nv, strict=False)
+            if b["texts_per_s"] > 0
+        ]
+        run["paired_ratio_vs_naive"] = float(statistics.median(ratios)) if ratios else None
 
 
 def _mixed_lengths(glosses: Sequence[str], texts: Sequence[str], key: str) -> list[str]:
@@ -218,6 +291,7 @@ def run(opts: Options) -> dict[str, Any]:
             "date": time.strftime("%Y-%m-%d %H:%M:%S %z"),
             "mode": "quick" if opts.quick else "full",
             "duration_s": opts.duration_s,
+            "repeats": opts.repeats,
             "concurrency": list(opts.concurrency),
             "cpu_count": os.cpu_count(),
             "cpu_model": _cpu_model(),
@@ -234,6 +308,17 @@ def run(opts: Options) -> dict[str, Any]:
     }
     for key in opts.models:
         result["models"].append(bench_model(key, glosses, opts))
+    loads = [
+        r["loadavg_1m"]
+        for m in result["models"]
+        for srv in m["servers"].values()
+        for run in srv["runs"]
+        for r in run["samples"]
+    ]
+    if loads:
+        result["meta"]["loadavg"] = (
+            f"median {statistics.median(loads):.1f}, range {min(loads):.1f}-{max(loads):.1f}"
+        )
     return result
 
 

@@ -52,7 +52,13 @@ def configure(parser: argparse.ArgumentParser) -> None:
         help="comma-separated: quick, demo, seed (default: demo,seed; --quick: quick)",
     )
     parser.add_argument(
-        "--duration", type=float, default=None, help="seconds per load point (default 10; quick 1)"
+        "--duration", type=float, default=None, help="seconds per load point (default 5; quick 1)"
+    )
+    parser.add_argument(
+        "--repeats",
+        type=int,
+        default=None,
+        help="repetitions of every point, interleaved across servers (default 3; quick 1)",
     )
     parser.add_argument(
         "--concurrency",
@@ -86,7 +92,10 @@ def run(args: argparse.Namespace) -> int:
     unknown = [m for m in models if m not in ("quick", "demo", "seed")]
     if unknown:
         raise UsageError(f"unknown model(s) {', '.join(unknown)} (quick, demo, seed)")
-    duration = args.duration if args.duration is not None else (1.0 if quick else 10.0)
+    duration = args.duration if args.duration is not None else (1.0 if quick else 5.0)
+    repeats = args.repeats if args.repeats is not None else (1 if quick else 3)
+    if repeats < 1:
+        raise UsageError("--repeats must be at least 1")
     if duration < 1:
         raise UsageError("--duration must be at least 1 second (wrk's resolution)")
     available = sorted(os.sched_getaffinity(0))
@@ -98,6 +107,7 @@ def run(args: argparse.Namespace) -> int:
         work=args.work,
         models=models,
         duration_s=duration,
+        repeats=repeats,
         concurrency=args.concurrency or ([1, 8] if quick else [1, 8, 64]),
         quick=quick,
         demo_repo=args.demo_repo,
