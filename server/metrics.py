@@ -40,7 +40,7 @@ import platform
 from collections.abc import Iterable, Mapping
 from importlib import metadata
 from pathlib import Path
-from typing import Final
+from typing import TYPE_CHECKING, Final, Protocol
 
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
@@ -56,6 +56,9 @@ from prometheus_client.multiprocess import MultiProcessCollector
 from server import __version__
 from server.errors import ConfigError
 from server.memory import ProcessMemory
+
+if TYPE_CHECKING:
+    from server.registry import ModelVersion
 
 MULTIPROC_ENV: Final = "PROMETHEUS_MULTIPROC_DIR"
 
@@ -111,6 +114,14 @@ def _dist_version(names: Iterable[str]) -> str:
 def tensorflow_version() -> str:
     """TensorFlow's installed version, read from package metadata (no ``import tensorflow``)."""
     return _dist_version(("tensorflow-cpu", "tensorflow", "tensorflow-intel", "tf-nightly"))
+
+
+class MemorySource(Protocol):
+    """What :meth:`Metrics.set_memory_from` reads (``server.memory.MemoryMonitor``)."""
+
+    def latest(self) -> ProcessMemory | None: ...
+
+    def model_memory(self) -> Iterable[tuple[str, str, dict[str, int]]]: ...
 
 
 class BatchMetrics:
@@ -346,9 +357,42 @@ class Metrics:
         self.process_memory.labels("uss").set(process.uss)
         self.process_memory.labels("pss").set(process.pss)
 
+    def set_memory_from(self, monitor: MemorySource) -> None:
+        """Copy the monitor's latest process sample and every model's figures (per scrape)."""
+        latest = monitor.latest()
+        if latest is not None:
+            self.set_memory(latest)
+        for model, version, kinds in monitor.model_memory():
+            self.set_model_memory(model, version, kinds)
+
     # -- exposition -------------------------------------------------------------------------
     def render(self) -> tuple[bytes, str]:
         """The body and content type for ``GET /metrics``."""
         if self.multiprocess_dir is not None:
             return render_multiprocess(self.multiprocess_dir)
         return generate_latest(self.registry), CONTENT_TYPE_LATEST
+
+
+class RegistryMetrics:
+    """``server.registry.RegistryListener`` on :class:`Metrics`: states, load times, batchers.
+
+    ``Registry(settings, listener=RegistryMetrics(metrics))``. Every method is cheap and cannot
+    raise on a well-formed ``ModelVersion``.
+    """
+
+    def __init__(self, metrics: Metrics) -> None:
+        self.metrics = metrics
+
+    def version_changed(self, mv: ModelVersion) -> None:
+        version = str(mv.version)
+        self.metrics.set_model_state(mv.name, version, str(mv.state))
+        if mv.stats is not None:
+            self.metrics.set_load_times(
+                mv.name, version, mv.stats.load_seconds, mv.stats.warmup_seconds
+            )
+
+    def version_removed(self, mv: ModelVersion) -> None:
+        self.metrics.remove_model(mv.name, str(mv.version))
+
+    def batch_observer(self, mv: ModelVersion) -> BatchMetrics:
+        return self.metrics.batch_observer(mv.name, str(mv.version))

@@ -2,28 +2,43 @@
 
 from __future__ import annotations
 
+import asyncio
+import concurrent.futures
 import os
 import platform
 import shutil
 import subprocess
 import sys
 import textwrap
+from collections.abc import Sequence
 from pathlib import Path
 
+import numpy as np
 import pytest
 from prometheus_client import CollectorRegistry
 from prometheus_client.parser import text_string_to_metric_families
 
 from server import __version__
+from server.batching import Batcher, BatchObserver
 from server.errors import ConfigError
-from server.memory import process_memory
+from server.memory import MemoryMonitor, process_memory
 from server.metrics import (
     LATENCY_BUCKETS,
     MODEL_STATES,
     Metrics,
+    RegistryMetrics,
     multiprocess_dir_from_env,
     render_multiprocess,
 )
+from server.registry import (
+    BatchingSettings,
+    LoadStats,
+    ModelVersion,
+    RegistryListener,
+    VersionState,
+)
+from server.runtime.base import ProbArray
+from server.text import IdArray
 
 ROUTE = "/v1/models/{name}:classify"
 EXPECTED_FAMILIES = {
@@ -293,3 +308,89 @@ def test_multiprocess_workers_aggregate(tmp_path: Path) -> None:
         [promtool, "check", "metrics"], input=body, capture_output=True, timeout=60, check=False
     )
     assert proc.returncode == 0, proc.stdout.decode() + proc.stderr.decode()
+
+
+# -- the core's interfaces, with the real classes ---------------------------------------------
+def test_a_real_batcher_reports_to_its_observer() -> None:
+    m = Metrics(CollectorRegistry())
+    observer: BatchObserver = m.batch_observer("topic", "1")  # mypy: satisfies the Protocol
+    calls: list[int] = []
+
+    def predict(ids: IdArray) -> ProbArray:
+        calls.append(len(ids))
+        return np.full((len(ids), 2), 0.5, dtype=np.float32)
+
+    def pad(rows: Sequence[Sequence[int]]) -> IdArray:
+        width = max(len(r) for r in rows)
+        return np.array([list(r) + [0] * (width - len(r)) for r in rows], dtype=np.int32)
+
+    async def main() -> None:
+        with concurrent.futures.ThreadPoolExecutor(1) as pool:
+            batcher = Batcher(
+                predict,
+                pad,
+                max_batch_size=4,
+                max_wait_ms=1.0,
+                max_queue=100,
+                executor=pool,
+                name="topic",
+                observer=observer,
+            )
+            batcher.start()
+            sizes = (1, 3, 2, 5, 1)
+            outs = await asyncio.gather(*(batcher.submit([[2, 3, 4]] * n) for n in sizes))
+            assert [len(o) for o in outs] == list(sizes)
+            await batcher.close(5.0)
+
+    asyncio.run(main())
+    mv = {"model": "topic", "version": "1"}
+    assert value(m, "textserve_batch_size_count", **mv) == len(calls)
+    assert value(m, "textserve_batch_size_sum", **mv) == sum(calls) == 12
+    assert value(m, "textserve_batch_size_bucket", le="4.0", **mv) == len(calls)  # max batch 4
+    assert value(m, "textserve_inference_duration_seconds_count", **mv) == len(calls)
+    assert value(m, "textserve_queue_wait_seconds_count", **mv) == 5  # one per request
+    assert value(m, "textserve_queue_depth", **mv) == 0  # drained
+
+
+def test_registry_listener_follows_a_version_through_its_states(tmp_path: Path) -> None:
+    m = Metrics(CollectorRegistry())
+    listener: RegistryListener = RegistryMetrics(m)  # mypy: satisfies the Protocol
+    mv = ModelVersion(name="topic", version=3, path=tmp_path, batching=BatchingSettings(8, 1.0, 64))
+    listener.version_changed(mv)
+    labels = {"model": "topic", "version": "3"}
+    assert value(m, "textserve_model_state", state="loading", **labels) == 1
+    assert value(m, "textserve_model_load_duration_seconds", **labels) is None
+    mem = process_memory()
+    mv.state = VersionState.READY
+    mv.stats = LoadStats(0.75, 0.25, mem, mem)
+    listener.version_changed(mv)
+    assert value(m, "textserve_model_state", state="loading", **labels) == 0
+    assert value(m, "textserve_model_state", state="ready", **labels) == 1
+    assert value(m, "textserve_model_load_duration_seconds", **labels) == 0.75
+    assert value(m, "textserve_model_warmup_duration_seconds", **labels) == 0.25
+    observer = listener.batch_observer(mv)
+    assert observer is not None
+    observer.queue_depth(2)
+    assert value(m, "textserve_queue_depth", **labels) == 2
+    listener.version_removed(mv)
+    assert value(m, "textserve_model_state", state="ready", **labels) is None
+    assert value(m, "textserve_queue_depth", **labels) is None
+
+
+def test_memory_monitor_feeds_the_memory_gauges() -> None:
+    m = Metrics(CollectorRegistry())
+    monitor = MemoryMonitor(60.0)
+    m.set_memory_from(monitor)  # nothing sampled yet: nothing set
+    assert value(m, "textserve_process_memory_bytes", kind="rss") is None
+    monitor.register("topic", 1, own_bytes=1000, embedding_key="e", embedding_bytes=600)
+    monitor.register("verbs", 2, own_bytes=10, embedding_key="e", embedding_bytes=600)
+    sample = monitor.sample()
+    m.set_memory_from(monitor)
+    assert value(m, "textserve_process_memory_bytes", kind="uss") == sample.uss
+    own = value(m, "textserve_model_memory_bytes", model="topic", version="1", kind="own")
+    assert own == 1000
+    shares = [
+        value(m, "textserve_model_memory_bytes", model=n, version=v, kind="embedding_share")
+        for n, v in (("topic", "1"), ("verbs", "2"))
+    ]
+    assert sum(s or 0 for s in shares) == 600  # one shared embedding, counted once
