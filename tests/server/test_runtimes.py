@@ -609,3 +609,61 @@ def test_large_selfcontained_graph_naive_vs_textserve(tmp_path: Path) -> None:
     assert 0 < own < 4 * MiB
     assert shared["growth"] < own + 48 * MiB  # the session's own overhead is ~20 MiB
     assert alone["growth"] < emb_bytes + own + 64 * MiB
+
+
+# -- the toolchain's repository -------------------------------------------------------------------
+
+
+def test_small_repo_every_format_one_embedding(small_repo: Path) -> None:
+    """The demo repository (toolchain exporters): stripped, frozen and self-contained versions
+    of one model agree with the self-contained graph run naively, over one shared embedding."""
+    import tensorflow as tf
+
+    from server.artifact import load_repository_config
+
+    config = load_repository_config(small_repo)
+    (emb_config,) = config.embeddings
+    emb_dir = small_repo / emb_config.path
+    store = EmbeddingStore()
+    runtimes: dict[str, SessionRuntime] = {}
+    try:
+        for model in config.models:
+            for version in (1, 2):
+                path = small_repo / model.base_path / str(version)
+                runtimes[f"{model.name}/{version}"] = _load(path, store, emb_dir)
+        selfcontained = small_repo / "unlisted" / "noun-topic-selfcontained" / "1"
+        runtimes["selfcontained"] = _load(selfcontained, store, None)
+        assert len(store) == 1
+        shared = runtimes["selfcontained"].embedding
+        assert shared is not None
+        assert shared.users == len(runtimes)
+        assert all(r.embedding is shared for r in runtimes.values())
+
+        texts = [
+            "a domesticated carnivorous mammal with a long snout",
+            "move fast by using one's feet",
+            "the act of running",
+            "zzzz qqqq",
+        ]
+        noun = runtimes["noun-topic/1"]
+        ids = noun.tokenizer.encode_batch(texts)
+        graph_def = tf.compat.v1.GraphDef()
+        graph_def.ParseFromString((selfcontained / "model.pb").read_bytes())
+        graph = tf.Graph()
+        with graph.as_default():
+            tf.compat.v1.import_graph_def(graph_def, name="")
+        with tf.compat.v1.Session(graph=graph) as session:
+            naive = session.run("output/probs:0", {"input_x:0": ids})
+        for key in ("noun-topic/1", "noun-topic/2", "selfcontained"):
+            np.testing.assert_allclose(runtimes[key].predict(ids), naive, atol=1e-5)
+        for model in config.models:
+            a = runtimes[f"{model.name}/1"]
+            b = runtimes[f"{model.name}/2"]
+            model_ids = a.tokenizer.encode_batch(texts)
+            np.testing.assert_allclose(a.predict(model_ids), b.predict(model_ids), atol=1e-5)
+            assert a.own_bytes > 0
+            assert a.own_bytes <= b.own_bytes < a.own_bytes + 4096
+    finally:
+        for r in runtimes.values():
+            r.close()
+    assert len(store) == 0
