@@ -58,6 +58,15 @@ def labelled_results(probs: ProbArray, labels: Sequence[str], k: int) -> list[di
     return out
 
 
+def as_int(value: object) -> int | None:
+    """``value`` as an int if JSON Schema calls it an integer (``3`` or ``3.0``, not ``true``)."""
+    if type(value) is int:
+        return value
+    if type(value) is float and value.is_integer():
+        return int(value)
+    return None
+
+
 def parse_version(version: str | int | None, model: str) -> int | None:
     """``"3"`` → 3; ``None``/``""`` → None (newest READY); anything else → 404."""
     if version is None or version == "":
@@ -114,12 +123,13 @@ class DataPlane:
                 )
         return texts
 
-    def check_top_k(self, top_k: object) -> int:
-        if type(top_k) is not int:
-            raise BadRequest("'top_k' must be an integer")
-        if not 1 <= top_k <= self._max_top_k:
-            raise BadRequest(f"'top_k' must be between 1 and {self._max_top_k}")
-        return top_k
+    def check_top_k(self, top_k: object, field: str = "top_k") -> int:
+        k = as_int(top_k)
+        if k is None:
+            raise BadRequest(f"{field!r} must be an integer")
+        if not 1 <= k <= self._max_top_k:
+            raise BadRequest(f"{field!r} must be between 1 and {self._max_top_k}")
+        return k
 
     # -- inference ----------------------------------------------------------------------------
 

@@ -25,6 +25,7 @@ from starlette.responses import Response
 
 from server import __version__
 from server.api.body import json_response
+from server.api.paths import MODEL, MODEL_VERSION
 from server.api.routes import native, tfserving, v2
 from server.api.schemas import ErrorResponse, openapi_components
 from server.dataplane import DataPlane
@@ -113,8 +114,8 @@ def create_app(settings: Settings) -> FastAPI:
     app.include_router(tfserving.router(plane))
     app.include_router(v2.router(plane))
 
-    @app.post("/v1/models/{name}:{action}", include_in_schema=False)
-    @app.post("/v1/models/{name}/versions/{version}:{action}", include_in_schema=False)
+    @app.post(MODEL + ":{action}", include_in_schema=False)
+    @app.post(MODEL_VERSION + ":{action}", include_in_schema=False)
     async def unknown_action(name: str, action: str) -> Response:
         raise NotFound(f"unknown action {action!r}; use :classify or :predict")
 
@@ -127,7 +128,7 @@ def create_app(settings: Settings) -> FastAPI:
                 routes=app.routes,
             )
             schemas = schema.setdefault("components", {}).setdefault("schemas", {})
-            schemas.update(openapi_components())
+            schemas.update(openapi_components(settings))
             _document_400_not_422(schema)
             app.openapi_schema = schema
         return app.openapi_schema

@@ -10,12 +10,14 @@ from __future__ import annotations
 
 import base64
 import binascii
-from typing import Any
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
+from pydantic.json_schema import SkipJsonSchema
 
 from server.dataplane import DataPlane
 from server.errors import BadRequest
+from server.settings import Settings
 
 # ---------------------------------------------------------------------------------------------
 # Common
@@ -147,24 +149,46 @@ class ModelListResponse(BaseModel):
 # TensorFlow Serving REST
 
 
+BASE64_PATTERN = r"^(?:[A-Za-z0-9+/]{4})*(?:[A-Za-z0-9+/]{2}==|[A-Za-z0-9+/]{3}=)?$"
+
+
 class Base64Text(BaseModel):
-    b64: str = Field(description="Base64 of the UTF-8 text.")
+    model_config = ConfigDict(extra="forbid")
+
+    b64: str = Field(
+        pattern=BASE64_PATTERN,
+        description="Base64 of the text's UTF-8 bytes (invalid UTF-8 is replaced by U+FFFD).",
+    )
 
 
 class NamedInstance(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
     text: str | Base64Text
+
+
+TextList = Annotated[list[str | Base64Text], Field(min_length=1)]
 
 
 class PredictRequest(BaseModel):
     """TF Serving's predict request: row (``instances``) or columnar (``inputs``) format."""
 
-    signature_name: str | None = None
-    instances: list[str | Base64Text | NamedInstance] | None = Field(
-        default=None, min_length=1, description="Row format; answered as 'predictions'."
+    model_config = ConfigDict(
+        json_schema_extra={"oneOf": [{"required": ["instances"]}, {"required": ["inputs"]}]}
     )
-    inputs: list[str | Base64Text] | dict[str, list[str | Base64Text]] | None = Field(
-        default=None, description="Columnar format; answered as 'outputs'."
+
+    signature_name: str | SkipJsonSchema[None] = Field(
+        default=None, description="Accepted and ignored: the model has one signature."
     )
+    instances: (
+        Annotated[list[str | Base64Text | NamedInstance], Field(min_length=1)]
+        | SkipJsonSchema[None]
+    ) = Field(default=None, description="Row format; answered as 'predictions'.")
+    inputs: (
+        TextList
+        | Annotated[dict[str, TextList], Field(min_length=1, max_length=1)]
+        | SkipJsonSchema[None]
+    ) = Field(default=None, description="Columnar format; answered as 'outputs'.")
 
 
 class PredictResponse(BaseModel):
@@ -186,27 +210,46 @@ class TfsMetadataResponse(BaseModel):
 
 
 class V2InputTensor(BaseModel):
-    name: str = Field(description="'text'.")
-    shape: list[int] = Field(description="[N] or [N, 1].")
-    datatype: str = Field(description="'BYTES'.")
-    parameters: dict[str, Any] | None = None
-    data: list[Any] | None = Field(
-        default=None, description="The texts (absent when sent as binary tensor data)."
+    name: Literal["text"]
+    shape: list[Annotated[int, Field(ge=0)]] = Field(
+        min_length=1, max_length=2, description="[N] or [N, 1]; N = the number of texts."
     )
+    datatype: Literal["BYTES"]
+    parameters: dict[str, Any] | SkipJsonSchema[None] = Field(
+        default=None,
+        description="'binary_data_size' when the texts follow the JSON header as binary data.",
+    )
+    data: (
+        Annotated[list[str], Field(min_length=1)]
+        | Annotated[
+            list[Annotated[list[str], Field(min_length=1, max_length=1)]], Field(min_length=1)
+        ]
+    ) = Field(description="The texts; row-major nested lists are accepted too.")
+
+
+class V2OutputParameters(BaseModel):
+    classification: int | SkipJsonSchema[None] = Field(
+        default=None, ge=1, description="Answer the top k classes as 'score:index:label'."
+    )
+    binary_data: bool = Field(default=False, description="Answer as binary tensor data.")
 
 
 class V2RequestedOutput(BaseModel):
-    name: str = Field(description="'probs'.")
-    parameters: dict[str, Any] | None = Field(
-        default=None, description="'classification': k, 'binary_data': bool."
+    name: Literal["probs"]
+    parameters: V2OutputParameters | SkipJsonSchema[None] = None
+
+
+class V2RequestParameters(BaseModel):
+    binary_data_output: bool = Field(
+        default=False, description="Answer outputs as binary tensor data (no 'outputs' given)."
     )
 
 
 class V2InferRequest(BaseModel):
-    id: str | None = None
-    parameters: dict[str, Any] | None = None
-    inputs: list[V2InputTensor] = Field(min_length=1)
-    outputs: list[V2RequestedOutput] | None = None
+    id: str | SkipJsonSchema[None] = None
+    parameters: V2RequestParameters | SkipJsonSchema[None] = None
+    inputs: list[V2InputTensor] = Field(min_length=1, max_length=1)
+    outputs: Annotated[list[V2RequestedOutput], Field(max_length=1)] | SkipJsonSchema[None] = None
 
 
 class V2OutputTensor(BaseModel):
@@ -273,14 +316,47 @@ def request_body(model: type[BaseModel], *media_types: str) -> dict[str, Any]:
     return {"requestBody": {"required": True, "content": content}}
 
 
-def openapi_components() -> dict[str, Any]:
-    """JSON schemas of :data:`REQUEST_MODELS` (and their nested models) for components."""
+def openapi_components(limits: Settings) -> dict[str, Any]:
+    """JSON schemas of :data:`REQUEST_MODELS` (and their nested models) for components, with
+    the server's limits (texts per request, characters per text, top_k) written in."""
     out: dict[str, Any] = {}
     for model in REQUEST_MODELS:
         schema = model.model_json_schema(ref_template="#/components/schemas/{model}")
         out.update(schema.pop("$defs", {}))
         out[model.__name__] = schema
+    _apply_limits(out, limits)
     return out
+
+
+def _cap_texts(node: Any, max_items: int, max_chars: int) -> None:
+    """Every array → maxItems, every string → maxLength, inside ``node`` (no $ref following)."""
+    if isinstance(node, dict):
+        if node.get("type") == "array" and "maxItems" not in node:
+            node["maxItems"] = max_items
+        if node.get("type") == "string" and "pattern" not in node:
+            node["maxLength"] = max_chars
+        for value in node.values():
+            _cap_texts(value, max_items, max_chars)
+    elif isinstance(node, list):
+        for value in node:
+            _cap_texts(value, max_items, max_chars)
+
+
+def _apply_limits(schemas: dict[str, Any], limits: Settings) -> None:
+    n, chars, top_k = limits.max_texts_per_request, limits.max_text_chars, limits.max_top_k
+    for name in ("ClassifyRequest", "MultiClassifyRequest"):
+        props = schemas[name]["properties"]
+        _cap_texts(props["texts"], n, chars)
+        props["top_k"]["maximum"] = top_k
+    props = schemas["PredictRequest"]["properties"]
+    _cap_texts(props["instances"], n, chars)
+    _cap_texts(props["inputs"], n, chars)
+    schemas["NamedInstance"]["properties"]["text"]["anyOf"][0]["maxLength"] = chars
+    schemas["Base64Text"]["properties"]["b64"]["maxLength"] = 4 * -(-chars // 3)
+    _cap_texts(schemas["V2InputTensor"]["properties"]["data"], n, chars)
+    schemas["V2InputTensor"]["properties"]["shape"]["maxItems"] = 2
+    schemas["V2InputTensor"]["properties"]["shape"]["items"]["maximum"] = n
+    schemas["V2OutputParameters"]["properties"]["classification"]["maximum"] = top_k
 
 
 ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
@@ -343,9 +419,10 @@ def _text_value(item: Any, where: str) -> Any:
         if type(encoded) is not str:
             raise BadRequest(f"{where}: 'b64' must be a string")
         try:
-            return base64.b64decode(encoded, validate=True).decode("utf-8")
+            raw = base64.b64decode(encoded, validate=True)
         except (binascii.Error, ValueError):
-            raise BadRequest(f"{where}: 'b64' is not valid base64 of UTF-8 text") from None
+            raise BadRequest(f"{where}: 'b64' is not valid base64") from None
+        return raw.decode("utf-8", errors="replace")
     return item
 
 

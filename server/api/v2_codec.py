@@ -21,7 +21,7 @@ import numpy as np
 import orjson
 
 from server.api.body import parse_json, require_object
-from server.dataplane import DataPlane, top_indices
+from server.dataplane import DataPlane, as_int, top_indices
 from server.errors import BadRequest
 from server.runtime.base import ProbArray
 
@@ -102,14 +102,14 @@ def _texts(tensor: Any, binary: memoryview, plane: DataPlane) -> list[str]:
         raise BadRequest(f"unknown input {name!r}; the model takes one BYTES input {INPUT_NAME!r}")
     if tensor.get("datatype") != "BYTES":
         raise BadRequest(f"input {INPUT_NAME!r} has datatype BYTES, not {tensor.get('datatype')!r}")
-    shape = tensor.get("shape")
+    raw_shape = tensor.get("shape")
+    shape = [as_int(d) for d in raw_shape] if type(raw_shape) is list else []
     if (
-        type(shape) is not list
-        or not 1 <= len(shape) <= 2
-        or any(type(d) is not int or d < 0 for d in shape)
+        not 1 <= len(shape) <= 2
+        or any(d is None or d < 0 for d in shape)
         or (len(shape) == 2 and shape[1] != 1)
     ):
-        raise BadRequest(f"input {INPUT_NAME!r} must have shape [N] or [N, 1], not {shape!r}")
+        raise BadRequest(f"input {INPUT_NAME!r} must have shape [N] or [N, 1], not {raw_shape!r}")
     params = _params(tensor.get("parameters"), f"{where}.parameters")
     items: list[Any]
     if "binary_data_size" in params:
@@ -135,15 +135,12 @@ def _texts(tensor: Any, binary: memoryview, plane: DataPlane) -> list[str]:
                 flat.extend(row)
             data = flat
         items = data
-    count = shape[0] * (shape[1] if len(shape) == 2 else 1)
-    if count != len(items):
+    if shape[0] != len(items):
         raise BadRequest(f"input {INPUT_NAME!r} has shape {shape} but {len(items)} elements")
     return plane.check_texts(items, f"{where}.data")
 
 
-def parse_infer(
-    body: bytes, header_length: str | None, plane: DataPlane, max_top_k: int
-) -> InferRequest:
+def parse_infer(body: bytes, header_length: str | None, plane: DataPlane) -> InferRequest:
     head, binary = _split(body, header_length)
     obj = require_object(parse_json(head))
     request_id = obj.get("id")
@@ -170,12 +167,9 @@ def parse_infer(
             oparams = _params(out.get("parameters"), f"outputs[{i}].parameters")
             binary_output = _bool_param(oparams, "binary_data", f"outputs[{i}].parameters")
             if "classification" in oparams:
-                k = oparams["classification"]
-                if type(k) is not int or not 1 <= k <= max_top_k:
-                    raise BadRequest(
-                        f"outputs[{i}].parameters.classification must be between 1 and {max_top_k}"
-                    )
-                classification = k
+                classification = plane.check_top_k(
+                    oparams["classification"], f"outputs[{i}].parameters.classification"
+                )
     return InferRequest(request_id, texts, classification, binary_output)
 
 

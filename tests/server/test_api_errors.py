@@ -25,8 +25,12 @@ def test_unknown_route_and_wrong_method(client: httpx.Client) -> None:
     assert "/nope" in error(client.get("/nope"), 404)
     assert "nope" in error(client.post("/v1/models/pos:nope", json={}), 404)
     assert "nope" in error(client.post("/v1/models/pos/versions/1:nope", json={}), 404)
-    r = client.get(CLASSIFY)  # GET matches the status route: 'pos:classify' is no model
-    assert "pos:classify" in error(r, 404)
+    r = client.get(CLASSIFY)  # model names have no ':', so this is not GET /v1/models/{name}
+    assert "GET" in error(r, 405)
+    assert r.headers["allow"] == "POST"
+    r = client.options("/v1/models/pos:predict")
+    assert r.headers["allow"] == "POST"
+    error(r, 405)
     r = client.post("/v1/models")
     assert "POST" in error(r, 405)
     assert "GET" in r.headers["allow"]

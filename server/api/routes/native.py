@@ -18,6 +18,7 @@ from starlette.responses import Response
 
 from server.api import describe
 from server.api.body import json_response, read_json_object
+from server.api.paths import MODEL, MODEL_VERSION
 from server.api.schemas import (
     ERROR_RESPONSES,
     ClassifyRequest,
@@ -52,7 +53,7 @@ def router(plane: DataPlane) -> APIRouter:
         )
 
     @api.post(
-        "/v1/models/{name}:classify",
+        f"{MODEL}:classify",
         summary="Classify texts with a model's newest READY version",
         response_model=ClassifyResponse,
         responses=ERROR_RESPONSES,
@@ -62,7 +63,7 @@ def router(plane: DataPlane) -> APIRouter:
         return await _classify(name, None, request)
 
     @api.post(
-        "/v1/models/{name}/versions/{version}:classify",
+        f"{MODEL_VERSION}:classify",
         summary="Classify texts with one model version",
         response_model=ClassifyResponse,
         responses=ERROR_RESPONSES,
@@ -101,7 +102,7 @@ def router(plane: DataPlane) -> APIRouter:
         return json_response(describe.model_list(registry))
 
     @api.get(
-        "/v1/models/{name}",
+        MODEL,
         summary="Describe a model (also TF Serving's model status)",
         response_model=ModelStatusResponse,
         responses={404: {"model": ErrorResponse}},

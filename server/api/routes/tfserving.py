@@ -22,6 +22,7 @@ from starlette.responses import Response
 
 from server.api import describe
 from server.api.body import FORM, json_response, read_json_object
+from server.api.paths import MODEL, MODEL_VERSION
 from server.api.schemas import (
     ERROR_RESPONSES,
     ErrorResponse,
@@ -51,29 +52,29 @@ def router(plane: DataPlane) -> APIRouter:
         return json_response({key: np.ascontiguousarray(probs)})
 
     @api.post(
-        "/v1/models/{name}:predict",
+        f"{MODEL}:predict",
         summary="TF Serving predict with the newest READY version",
         response_model=PredictResponse,
         response_model_exclude_none=True,
         responses=ERROR_RESPONSES,
-        openapi_extra=request_body(PredictRequest, FORM),
+        openapi_extra=request_body(PredictRequest),
     )
     async def predict(name: str, request: Request) -> Response:
         return await _predict(name, None, request)
 
     @api.post(
-        "/v1/models/{name}/versions/{version}:predict",
+        f"{MODEL_VERSION}:predict",
         summary="TF Serving predict with one version",
         response_model=PredictResponse,
         response_model_exclude_none=True,
         responses=ERROR_RESPONSES,
-        openapi_extra=request_body(PredictRequest, FORM),
+        openapi_extra=request_body(PredictRequest),
     )
     async def predict_version(name: str, version: str, request: Request) -> Response:
         return await _predict(name, version, request)
 
     @api.get(
-        "/v1/models/{name}/versions/{version}",
+        MODEL_VERSION,
         summary="TF Serving status of one model version",
         response_model=TfsStatusResponse,
         responses={404: {"model": ErrorResponse}},
@@ -86,7 +87,7 @@ def router(plane: DataPlane) -> APIRouter:
         return json_response({"model_version_status": [describe.tfs_version_status(match[0])]})
 
     @api.get(
-        "/v1/models/{name}/metadata",
+        f"{MODEL}/metadata",
         summary="TF Serving signature metadata",
         response_model=TfsMetadataResponse,
         responses={404: {"model": ErrorResponse}, 503: {"model": ErrorResponse}},
@@ -95,7 +96,7 @@ def router(plane: DataPlane) -> APIRouter:
         return json_response(describe.tfs_metadata(plane.resolve(name)))
 
     @api.get(
-        "/v1/models/{name}/versions/{version}/metadata",
+        f"{MODEL_VERSION}/metadata",
         summary="TF Serving signature metadata of one version",
         response_model=TfsMetadataResponse,
         responses={404: {"model": ErrorResponse}, 503: {"model": ErrorResponse}},

@@ -19,6 +19,7 @@ from starlette.responses import Response
 
 from server.api import describe
 from server.api.body import OCTET_STREAM, check_content_type, json_response, read_body
+from server.api.paths import V2_MODEL, V2_MODEL_VERSION
 from server.api.schemas import (
     ERROR_RESPONSES,
     ErrorResponse,
@@ -41,7 +42,6 @@ _ALSO = frozenset({OCTET_STREAM})
 def router(plane: DataPlane) -> APIRouter:
     api = APIRouter(tags=["v2"])
     limit = plane.settings.max_body_bytes
-    max_top_k = plane.settings.max_top_k
     registry = plane.registry
 
     @api.get("/v2/health/live", summary="Liveness", response_model=V2Live)
@@ -67,7 +67,7 @@ def router(plane: DataPlane) -> APIRouter:
         return json_response(describe.v2_model_metadata(registry, plane.resolve(name, version)))
 
     @api.get(
-        "/v2/models/{name}",
+        f"{V2_MODEL}",
         summary="Model metadata",
         response_model=V2ModelMetadata,
         responses={404: {"model": ErrorResponse}, 503: {"model": ErrorResponse}},
@@ -76,7 +76,7 @@ def router(plane: DataPlane) -> APIRouter:
         return await _metadata(name, None)
 
     @api.get(
-        "/v2/models/{name}/versions/{version}",
+        f"{V2_MODEL_VERSION}",
         summary="Model version metadata",
         response_model=V2ModelMetadata,
         responses={404: {"model": ErrorResponse}, 503: {"model": ErrorResponse}},
@@ -92,7 +92,7 @@ def router(plane: DataPlane) -> APIRouter:
         return json_response({"name": name, "ready": True})
 
     @api.get(
-        "/v2/models/{name}/ready",
+        f"{V2_MODEL}/ready",
         summary="Model readiness",
         response_model=V2ModelReady,
         responses={404: {"model": ErrorResponse}, 503: {"model": V2ModelReady}},
@@ -101,7 +101,7 @@ def router(plane: DataPlane) -> APIRouter:
         return _ready(name, None)
 
     @api.get(
-        "/v2/models/{name}/versions/{version}/ready",
+        f"{V2_MODEL_VERSION}/ready",
         summary="Model version readiness",
         response_model=V2ModelReady,
         responses={404: {"model": ErrorResponse}, 503: {"model": V2ModelReady}},
@@ -113,14 +113,14 @@ def router(plane: DataPlane) -> APIRouter:
         mv = plane.resolve(name, version)
         check_content_type(request, _ALSO)
         body = await read_body(request, limit)
-        infer = parse_infer(body, request.headers.get(HEADER_LENGTH), plane, max_top_k)
+        infer = parse_infer(body, request.headers.get(HEADER_LENGTH), plane)
         probs = await plane.probabilities(mv, infer.texts)
         content, headers = encode_infer_response(infer, mv.name, mv.version, mv.labels, probs)
         media = OCTET_STREAM if headers else "application/json"
         return Response(content, headers=headers, media_type=media)
 
     @api.post(
-        "/v2/models/{name}/infer",
+        f"{V2_MODEL}/infer",
         summary="Inference with the newest READY version",
         response_model=V2InferResponse,
         responses=ERROR_RESPONSES,
@@ -130,7 +130,7 @@ def router(plane: DataPlane) -> APIRouter:
         return await _infer(name, None, request)
 
     @api.post(
-        "/v2/models/{name}/versions/{version}/infer",
+        f"{V2_MODEL_VERSION}/infer",
         summary="Inference with one version",
         response_model=V2InferResponse,
         responses=ERROR_RESPONSES,
