@@ -35,7 +35,7 @@ from models.embeddings import (
     write_glove,
 )
 from models.export import Exported, export
-from models.train import Progress, TrainConfig, Trainer
+from models.train import TrainConfig, Trainer
 from server.artifact import (
     EMBEDDINGS_DIR,
     MODELS_YAML,
@@ -103,7 +103,7 @@ def build_demo(
     quick: bool = False,
     seed: int = 0,
     force: bool = False,
-    progress: Callable[[str], Progress | None] | None = None,
+    bars: bool = False,
     log: Callable[[str], None] | None = None,
 ) -> DemoReport:
     """Train, export and write ``models.yaml``. Refuses an existing repository unless ``force``."""
@@ -138,7 +138,13 @@ def build_demo(
         config = TrainConfig(**{**base.__dict__, "seed": seed})
         demo = DemoModel(name, ds)
         with Trainer(embedding, ds.labels, config) as trainer:
-            model = trainer.fit(ds, progress(name) if progress else None)
+            if bars:
+                from models.progress import training_bar
+
+                with training_bar(name) as bar:
+                    model = trainer.fit(ds, bar)
+            else:
+                model = trainer.fit(ds)
         for version, fmt in DEMO_VERSIONS.items():
             demo.exports.append(export(model, fmt, repo / name / str(version), name, version))
         if quick and name == "noun-topic":
