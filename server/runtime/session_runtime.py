@@ -25,7 +25,7 @@ from server.errors import ArtifactError, BadRequest, ModelNotReady
 from server.runtime.base import ProbArray, Runtime
 from server.text import IdArray, Tokenizer
 
-WARMUP_SHAPE = (64, 32)
+WARMUP_SHAPE = (64, 64)
 """A representative batch (texts, tokens) run once at load."""
 
 Session = Any  # tf.compat.v1.Session
