@@ -40,11 +40,12 @@ class TextCNN:
         filter_sizes: list[int],
         num_filters: int,
         softmax_output: bool = False,
+        ids_dtype: str = "int32",
     ) -> None:
         import tensorflow as tf
 
         v1 = tf.compat.v1
-        self.input_x = v1.placeholder(tf.int32, [None, sequence_length], name="input_x")
+        self.input_x = v1.placeholder(ids_dtype, [None, sequence_length], name="input_x")
         self.input_y = v1.placeholder(tf.float32, [None, num_classes], name="input_y")
         self.dropout_keep_prob = v1.placeholder(tf.float32, name="dropout_keep_prob")
         with tf.device("/cpu:0"), tf.name_scope("embedding"):
@@ -131,7 +132,7 @@ class Original:
 
 
 def _train_and_freeze(
-    directory: Path, num_classes: int = 2, softmax_output: bool = False
+    directory: Path, num_classes: int = 2, softmax_output: bool = False, ids_dtype: str = "int32"
 ) -> Original:
     import tensorflow as tf
 
@@ -139,7 +140,9 @@ def _train_and_freeze(
     words = ["<UNK>", *VOCAB_WORDS]
     graph = tf.Graph()
     with graph.as_default():
-        cnn = TextCNN(SEQ_LEN, num_classes, len(words), EMBED, [3, 4, 5], 8, softmax_output)
+        cnn = TextCNN(
+            SEQ_LEN, num_classes, len(words), EMBED, [3, 4, 5], 8, softmax_output, ids_dtype
+        )
         train = v1.train.AdamOptimizer(1e-2).minimize(cnn.loss)
         session = v1.Session(graph=graph)
         session.run(v1.global_variables_initializer())
@@ -299,8 +302,9 @@ def test_import_with_textserve_vocab_header_copies_the_graph(
         runtime.close()
 
 
-def test_softmax_output_is_detected(tmp_path: Path) -> None:
-    o = _train_and_freeze(tmp_path / "user", num_classes=3, softmax_output=True)
+def test_softmax_output_is_detected_int64_ids(tmp_path: Path) -> None:
+    """A graph ending in Softmax (no numpy softmax) whose ids placeholder is int64."""
+    o = _train_and_freeze(tmp_path / "user", num_classes=3, softmax_output=True, ids_dtype="int64")
     try:
         repo = tmp_path / "repo"
         code = main(
