@@ -10,7 +10,7 @@
 # starts from the same base, so the venv's interpreter link stays valid in the final image.
 # Podman: build with `--format docker`, or the HEALTHCHECK is dropped (OCI images have none).
 #
-# Stages:  deps → build (wheel + venv) → runtime (default, last)
+# Stages:  deps (venv of dependencies) → build (wheel) → runtime (default, last)
 #          demo-build (build + toolchain extras + wordnet-base: trains the demo set) → demo
 ARG BASE_IMAGE=python:3.11-slim
 
@@ -31,13 +31,16 @@ print('\n'.join(d['project']['dependencies']))" > /src/requirements.txt \
 # (tensorflow/include: ~290 MB of C++ headers, only needed to compile custom ops)
 
 # ---------------------------------------------------------------------------------------------
-# build: the textserve wheel, installed into the venv without touching its dependencies.
+# build: the textserve wheel. Installed twice: into the venv (checked, and used by demo-build),
+# and under /staging, which holds only textserve's own files: the runtime image adds them as a
+# small layer on top of the unchanged dependency layer.
 FROM deps AS build
 COPY README.md /src/README.md
 COPY server /src/server
 COPY models /src/models
 RUN /opt/textserve/bin/pip wheel --no-deps --wheel-dir /src/dist /src \
  && /opt/textserve/bin/pip install --no-deps /src/dist/textserve-*.whl \
+ && /opt/textserve/bin/pip install --no-deps --ignore-installed --root /staging /src/dist/textserve-*.whl \
  && /opt/textserve/bin/textserve --version
 
 # ---------------------------------------------------------------------------------------------
@@ -48,14 +51,17 @@ RUN apt-get update \
  && DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends wordnet-base \
  && rm -rf /var/lib/apt/lists/*
 RUN /opt/textserve/bin/pip install "$(ls /src/dist/textserve-*.whl)[toolchain]"
-RUN /opt/textserve/bin/textserve build-demo --repo /models
+# DEMO_ARGS: extra build-demo flags, e.g. --quick (the small test set, ~1 min) or --no-baseline
+ARG DEMO_ARGS=""
+RUN /opt/textserve/bin/textserve build-demo --repo /models ${DEMO_ARGS}
 
 # ---------------------------------------------------------------------------------------------
 # runtime: the base image + the venv. No compiler, no pip cache, no sources, not root.
 FROM ${BASE_IMAGE} AS runtime-base
 RUN useradd --create-home --uid 10001 --user-group --shell /usr/sbin/nologin textserve \
  && mkdir /models
-COPY --from=build /opt/textserve /opt/textserve
+COPY --from=deps /opt/textserve /opt/textserve
+COPY --from=build /staging/opt/textserve /opt/textserve
 ENV PATH=/opt/textserve/bin:$PATH \
     PYTHONUNBUFFERED=1 \
     PYTHONDONTWRITEBYTECODE=1 \
