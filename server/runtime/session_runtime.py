@@ -28,6 +28,10 @@ from server.text import IdArray, Tokenizer
 WARMUP_SHAPE = (64, 64)
 """A representative batch (texts, tokens) run once at load."""
 
+_SCRATCH = ScratchBuffers()
+"""Gathered rows are written to one buffer per inference thread, shared by every runtime: a
+thread runs one batch at a time, and the buffer is free again once ``session.run`` returns."""
+
 Session = Any  # tf.compat.v1.Session
 Graph = Any  # tf.Graph
 
@@ -97,7 +101,6 @@ class SessionRuntime(Runtime):
         self._apply_softmax = apply_softmax
         self._fixed_len = tokenizer.spec.fixed_len
         self._min_len = tokenizer.spec.min_len
-        self._scratch = ScratchBuffers()
         self._close_lock = threading.Lock()
         self._closed = False
         try:
@@ -172,7 +175,7 @@ class SessionRuntime(Runtime):
         batch = fit_length(batch, fixed=self._fixed_len, minimum=self._min_len)
         if batch.shape[0] == 0:
             return np.zeros((0, len(self.labels)), dtype=np.float32)
-        rows = embedding.lookup(batch, out=self._scratch.get((*batch.shape, embedding.dim)))
+        rows = embedding.lookup(batch, out=_SCRATCH.get((*batch.shape, embedding.dim)))
         try:
             if self._feed_dropout:
                 out = self._run(batch, rows, self._keep_prob)
