@@ -119,6 +119,12 @@ def configure(parser: argparse.ArgumentParser) -> None:
         default=True,
         help="lower-case texts before looking tokens up (default: yes)",
     )
+    parser.add_argument(
+        "--min-len",
+        type=int,
+        default=3,
+        help="variable-length graphs: pad every batch to at least N ids (the widest filter)",
+    )
     parser.add_argument("--pad-id", type=int, default=0, help="headerless vocab: padding row")
     parser.add_argument("--unk-id", type=int, default=0, help="headerless vocab: unknown-word row")
     parser.add_argument("--version", type=int, default=None, help="version number (default: next)")
@@ -328,7 +334,9 @@ def run(args: argparse.Namespace) -> int:
     graph_path: Path = args.graph
     graph_def = read_graph_def(graph_path)
     plan = _plan(args, graph_def, graph_path)
-    length = plan.fixed_len or 8
+    if args.min_len < 1:
+        raise UsageError("--min-len must be positive")
+    length = plan.fixed_len or max(32, args.min_len)
     width = _output_width(read_graph_def(graph_path), plan, length)
     if width != len(labels):
         raise ArtifactError(
@@ -359,8 +367,8 @@ def run(args: argparse.Namespace) -> int:
             labels=labels,
             tokenizer=TokenizerSpec(
                 lowercase=args.lowercase,
-                max_len=fixed or TokenizerSpec().max_len,
-                min_len=min(fixed or 3, 3),
+                max_len=fixed or max(TokenizerSpec().max_len, args.min_len),
+                min_len=min(fixed, args.min_len) if fixed else args.min_len,
                 fixed_len=fixed,
             ),
             tensors=TensorNames(

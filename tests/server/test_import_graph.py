@@ -422,3 +422,56 @@ def test_cli_process_exit_status(original: Original, tmp_path: Path) -> None:
     assert errors == [
         f"textserve: error: {original.pb}: --output node 'output/missing' not found in the graph"
     ]
+
+
+def test_variable_length_graph_with_min_len(tmp_path: Path) -> None:
+    """input_x [None, None]: no fixed length; --min-len pads short batches for a width-4 filter."""
+    import tensorflow as tf
+
+    v1 = tf.compat.v1
+    words = ["<pad>", "<unk>", *VOCAB_WORDS]
+    graph = tf.Graph()
+    with graph.as_default():
+        x = v1.placeholder(tf.int32, [None, None], name="input_x")
+        with tf.name_scope("embedding"):
+            w = v1.Variable(v1.random_uniform([len(words), 8], -1.0, 1.0, seed=4), name="W")
+            e = tf.nn.embedding_lookup(w, x)
+        k = v1.Variable(v1.truncated_normal([4, 8, 5], stddev=0.3, seed=5), name="conv_W")
+        h = tf.nn.relu(tf.nn.conv1d(e, k, stride=1, padding="VALID"))
+        d = v1.Variable(v1.truncated_normal([5, 2], stddev=0.5, seed=6), name="dense_W")
+        tf.matmul(tf.reduce_max(h, axis=1), d, name="logits")
+        with v1.Session(graph=graph) as session:
+            session.run(v1.global_variables_initializer())
+            frozen = v1.graph_util.convert_variables_to_constants(
+                session, graph.as_graph_def(), ["logits"]
+            )
+            index = {t: i for i, t in enumerate(words)}
+            ids = np.zeros((2, 5), np.int32)
+            ids[0, :1] = [index["good"]]
+            ids[1, :5] = [index[t] for t in ["bad", "movie", "plot", "good", "word9"]]
+            expected = softmax(session.run("logits:0", {x: ids}))
+    pb = tmp_path / "var.pb"
+    pb.write_bytes(frozen.SerializeToString())
+    vocab = tmp_path / "vocab.txt"
+    vocab.write_text("\n".join(words) + "\n")
+    repo = tmp_path / "repo"
+    code = main(
+        [
+            "import-graph", "--repo", str(repo), "--name", "var", "--graph", str(pb),
+            "--vocab", str(vocab), "--labels", "x,y", "--output", "logits", "--min-len", "4",
+        ]
+    )  # fmt: skip
+    assert code == 0
+    manifest = load_model_manifest(repo / "var" / "1")
+    assert manifest.tokenizer.fixed_len is None
+    assert manifest.tokenizer.min_len == 4
+    assert manifest.tensors.dropout is None
+    runtime = _load(repo / "var" / "1")
+    try:
+        got = runtime.predict(runtime.tokenizer.encode_batch(["good", "bad movie plot good word9"]))
+        np.testing.assert_allclose(got, expected, atol=1e-5)
+        alone = runtime.tokenizer.encode_batch(["good"])
+        assert alone.shape == (1, 4)  # padded to --min-len, so the width-4 filter fits
+        assert runtime.predict(alone).shape == (1, 2)
+    finally:
+        runtime.close()
