@@ -165,12 +165,13 @@ class ModelEntry:
         return self.config.name
 
     def newest_ready(self) -> ModelVersion | None:
-        ready = [v for v in self.versions.values() if v.state is VersionState.READY]
+        # tuple(): one atomic copy; the loader thread may add a version meanwhile.
+        ready = [v for v in tuple(self.versions.values()) if v.state is VersionState.READY]
         return max(ready, key=lambda v: v.version) if ready else None
 
     @property
     def state(self) -> ModelState:
-        states = {v.state for v in self.versions.values()}
+        states = {v.state for v in tuple(self.versions.values())}
         if VersionState.READY in states:
             return ModelState.READY
         if VersionState.LOADING in states:
@@ -189,9 +190,12 @@ class ModelEntry:
             return self.reason
         if self.state is ModelState.FAILED:
             failed = max(
-                (v for v in self.versions.values() if v.state is VersionState.FAILED),
+                (v for v in tuple(self.versions.values()) if v.state is VersionState.FAILED),
                 key=lambda v: v.version,
+                default=None,
             )
+            if failed is None:
+                return ""
             return f"version {failed.version}: {failed.reason}"
         return ""
 
