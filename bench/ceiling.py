@@ -17,8 +17,6 @@ from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
 
-import numpy as np
-
 from bench.models import BenchModel, random_weights
 from server.text import IdArray, Tokenizer
 
@@ -30,6 +28,8 @@ class Rate:
     batch: int
     p50_ms: float
     """Median time of one call."""
+    cpu_us_per_text: float
+    """CPU time (all of this process's threads) per text."""
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -48,6 +48,7 @@ def measure(fn: Callable[[IdArray], object], batches: Sequence[IdArray], seconds
         fn(b)
     times: list[float] = []
     texts = 0
+    cpu0 = time.process_time()
     start = time.perf_counter()
     i = 0
     while True:
@@ -61,7 +62,14 @@ def measure(fn: Callable[[IdArray], object], batches: Sequence[IdArray], seconds
         if t1 - start >= seconds:
             break
     elapsed = time.perf_counter() - start
-    return Rate(texts / elapsed, len(times), len(batches[0]), statistics.median(times) * 1000)
+    cpu = time.process_time() - cpu0
+    return Rate(
+        texts / elapsed,
+        len(times),
+        len(batches[0]),
+        statistics.median(times) * 1000,
+        cpu / texts * 1e6,
+    )
 
 
 def load_server_runtime(model: BenchModel, intra_op_threads: int = 2) -> Any:
@@ -111,6 +119,7 @@ def tokenize_rate(tokenizer: Tokenizer, texts: Sequence[str], seconds: float) ->
     chunks = [list(texts[i : i + 64]) for i in range(0, len(texts) - 63, 64)]
     times: list[float] = []
     n = 0
+    cpu0 = time.process_time()
     start = time.perf_counter()
     i = 0
     while time.perf_counter() - start < seconds:
@@ -121,10 +130,5 @@ def tokenize_rate(tokenizer: Tokenizer, texts: Sequence[str], seconds: float) ->
         n += len(c)
         i += 1
     elapsed = time.perf_counter() - start
-    return Rate(n / elapsed, len(times), 64, statistics.median(times) * 1000)
-
-
-def padded_fraction(batches: Sequence[IdArray]) -> float:
-    cells = sum(b.size for b in batches)
-    real = sum(int(np.count_nonzero(b)) for b in batches)
-    return 1.0 - real / cells if cells else 0.0
+    cpu = time.process_time() - cpu0
+    return Rate(n / elapsed, len(times), 64, statistics.median(times) * 1000, cpu / n * 1e6)

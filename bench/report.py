@@ -30,6 +30,10 @@ def _num(x: float | None, fmt: str = "{:,.0f}") -> str:
     return "–" if x is None else fmt.format(x)
 
 
+def _cpu(rate: dict[str, Any]) -> str:
+    return _num(rate.get("cpu_us_per_text"), "{:,.1f}")
+
+
 def _get(run: dict[str, Any] | None, key: str) -> float | None:
     return None if run is None else float(run[key])
 
@@ -50,7 +54,9 @@ def markdown(result: dict[str, Any]) -> str:
         "Throughput counts texts in 2xx responses; latency is per request (wrk's distribution). "
         "Figures are medians over the repetitions.",
         "`vs ceiling` = HTTP texts/s ÷ in-process `Runtime.predict` texts/s at batch 64; "
-        "`ts/naive` = textserve texts/s ÷ naive texts/s, median of the back-to-back pairs.",
+        "`ts/naive` = textserve texts/s ÷ naive texts/s, median of the back-to-back pairs. "
+        "`CPU us/text` = server process CPU time (all threads) ÷ texts answered: what a text "
+        "costs, which unlike texts/s does not depend on how much CPU other tenants left over.",
         f"Machine load (1-min load average) during the runs: {meta.get('loadavg', '–')}; "
         "other work shared these cores, so compare ratios, not absolute figures.",
         "",
@@ -70,25 +76,27 @@ def _model_section(model: dict[str, Any]) -> list[str]:
         "",
         f"Texts: {model['texts']} (mean {model['mean_tokens']:.1f} tokens).",
         "",
-        "| in-process ceiling (batch 64) | texts/s | median call ms |",
-        "|---|---:|---:|",
+        "| in-process ceiling (batch 64) | texts/s | median call ms | CPU us/text |",
+        "|---|---:|---:|---:|",
         f"| `Runtime.predict` (server's runtime, fed gather) | {rt:,.0f} | "
-        f"{ceiling['runtime']['p50_ms']:.2f} |",
+        f"{ceiling['runtime']['p50_ms']:.2f} | {_cpu(ceiling['runtime'])} |",
     ]
     if raw:
         lines.append(
             f"| raw `session.run`, gather inside the graph | {raw['texts_per_s']:,.0f} | "
-            f"{raw['p50_ms']:.2f} |"
+            f"{raw['p50_ms']:.2f} | {_cpu(raw)} |"
         )
     if tok:
         lines.append(
-            f"| tokenize + pad only (1 thread) | {tok['texts_per_s']:,.0f} | {tok['p50_ms']:.2f} |"
+            f"| tokenize + pad only (1 thread) | {tok['texts_per_s']:,.0f} | {tok['p50_ms']:.2f} "
+            f"| {_cpu(tok)} |"
         )
     lines += [
         "",
-        "| request | conc. | textserve texts/s | p50 ms | p99 ms | naive texts/s | p50 ms | "
-        "p99 ms | ts/naive | ts vs ceiling | naive vs ceiling |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| request | conc. | textserve texts/s | p50 ms | p99 ms | CPU us/text | naive texts/s | "
+        "p50 ms | p99 ms | CPU us/text | ts/naive texts/s | naive/ts CPU per text | "
+        "ts vs ceiling | naive vs ceiling |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for kind, label in KINDS.items():
         conns = sorted(
@@ -101,11 +109,14 @@ def _model_section(model: dict[str, Any]) -> list[str]:
             nt = n["texts_per_s"] if n else None
             paired = t.get("paired_ratio_vs_naive") if t else None
             vs_naive = f"{paired:.2f}" if paired is not None else _ratio(tt, nt)
+            tc = t.get("server_cpu_us_per_text") if t else None
+            nc = n.get("server_cpu_us_per_text") if n else None
             lines.append(
                 f"| {label} | {c} | {_num(tt)} | {_num(_get(t, 'p50_ms'), '{:.1f}')} | "
-                f"{_num(_get(t, 'p99_ms'), '{:.1f}')} | {_num(nt)} | "
+                f"{_num(_get(t, 'p99_ms'), '{:.1f}')} | {_num(tc)} | {_num(nt)} | "
                 f"{_num(_get(n, 'p50_ms'), '{:.1f}')} | {_num(_get(n, 'p99_ms'), '{:.1f}')} | "
-                f"{vs_naive} | {_ratio(tt, rt)} | {_ratio(nt, rt)} |"
+                f"{_num(nc)} | {vs_naive} | {_ratio(nc, tc)} | {_ratio(tt, rt)} | "
+                f"{_ratio(nt, rt)} |"
             )
     lines += [
         "",

@@ -25,7 +25,7 @@ from typing import Any, cast
 
 from bench import batcher_effects, ceiling
 from bench.models import QUICK, SEED, BenchModel, build_random_repo, demo_model
-from bench.servers import Server, start_naive, start_textserve, stop, wait_ready
+from bench.servers import Server, start_naive, start_textserve, stop, wait_idle, wait_ready
 from bench.texts import gloss_texts, joined_texts, mean_tokens, write_bodies
 from bench.wrk import run_wrk
 
@@ -72,6 +72,7 @@ def _point(
 ) -> dict[str, Any]:
     """One wrk run against ``server`` at one load point, with the server's CPU use."""
     per_request = opts.batch_texts if kind == "batch" else 1
+    settle = wait_idle(server)
     load = os.getloadavg()[0]
     cpu0 = server.cpu_seconds()
     r = run_wrk(
@@ -87,10 +88,14 @@ def _point(
     row["server_cores"] = cpu / r.duration_s
     row["wrk_cores"] = r.wrk_cpu_s / r.duration_s
     row["loadavg_1m"] = load
+    row["settle_s"] = settle
+    ok_texts = r.ok_requests * per_request
+    row["server_cpu_us_per_text"] = cpu / ok_texts * 1e6 if ok_texts else None
     opts.log(
         f"  {server.kind:9s} {kind:6s} c={c:<3d} {r.texts_per_s:10,.0f} texts/s  "
         f"p50 {r.p50_ms:7.1f} ms  p99 {r.p99_ms:7.1f} ms  non-2xx {r.non_2xx}  "
-        f"server {row['server_cores']:.2f} cores, wrk {row['wrk_cores']:.2f}, load {load:.1f}"
+        f"server {row['server_cores']:.2f} cores ({row['server_cpu_us_per_text'] or 0:,.0f} "
+        f"CPU us/text), wrk {row['wrk_cores']:.2f}, load {load:.1f}"
     )
     return row
 
@@ -196,7 +201,9 @@ def bench_model(key: str, glosses: Sequence[str], opts: Options) -> dict[str, An
                 effects["length_grouping"] = batcher_effects.length_grouping(
                     runtime, mixed, reps=2 if opts.quick else 5
                 )
-                effects["in_flight"] = batcher_effects.in_flight(runtime, texts, ceil_s)
+                effects["in_flight"] = batcher_effects.in_flight(
+                    runtime, texts, ceil_s / 2, reps=1 if opts.quick else 3
+                )
         finally:
             runtime.close()
         raw = ceiling.raw_rate(model, texts, ceil_s)

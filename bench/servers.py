@@ -147,6 +147,21 @@ def wait_ready(server: Server, body: bytes, timeout_s: float = 300.0) -> float:
     raise RuntimeError(f"{server.kind} not ready after {timeout_s:.0f} s: {last}")
 
 
+def wait_idle(server: Server, window_s: float = 0.25, timeout_s: float = 60.0) -> float:
+    """Wait until ``server`` uses under 5 % of a core over ``window_s``; seconds waited.
+
+    Requests a finished wrk run left behind (wrk closes its connections, but a server need
+    not drop work already queued) must not spill into the next measurement.
+    """
+    t0 = time.monotonic()
+    while time.monotonic() - t0 < timeout_s:
+        before = server.cpu_seconds()
+        time.sleep(window_s)
+        if server.cpu_seconds() - before < 0.05 * window_s:
+            break
+    return time.monotonic() - t0
+
+
 def stop(server: Server, timeout_s: float = 30.0) -> int | None:
     """SIGTERM, then SIGKILL after ``timeout_s``; the exit status."""
     proc = server.process

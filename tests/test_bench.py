@@ -47,6 +47,7 @@ def test_quick_bench_runs_and_reports(
     assert ceiling["runtime"]["batch"] == 64
     assert ceiling["raw"]["texts_per_s"] > 0
     assert ceiling["tokenize"]["texts_per_s"] > 0
+    assert ceiling["runtime"]["cpu_us_per_text"] > 0
 
     for server in ("textserve", "naive"):
         runs = model["servers"][server]["runs"]
@@ -61,6 +62,7 @@ def test_quick_bench_runs_and_reports(
             expected = r["requests"] * (64 if r["kind"] == "batch" else 1) / r["duration_s"]
             assert r["texts_per_s"] == pytest.approx(expected)
             assert r["server_cores"] > 0
+            assert r["server_cpu_us_per_text"] > 0
 
     effects = model["batcher"]
     grouping = effects["length_grouping"]
