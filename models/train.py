@@ -147,7 +147,11 @@ class Trainer:
             self._saver = tf.compat.v1.train.Saver()
         self.tg.graph.finalize()
         if init_weights is not None:
-            self.set_weights(init_weights)
+            try:
+                self.set_weights(init_weights)
+            except BaseException:
+                self.session.close()
+                raise
 
     def __enter__(self) -> Trainer:
         return self

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
+
 from server.artifact import (
     ModelFormat,
     list_versions,
@@ -36,3 +38,20 @@ def test_small_repo_layout(small_repo: Path) -> None:
     assert sc.format == ModelFormat.FROZEN_SELFCONTAINED
     assert sc.vocab == "vocab.txt"
     assert sc.labels == load_model_manifest(small_repo / "noun-topic" / "1").labels
+
+
+def test_build_refuses_an_existing_repository(tmp_path: Path) -> None:
+    from models.demo import build_repository
+    from server.errors import ArtifactError
+
+    (tmp_path / "models.yaml").write_text("models: []\n", encoding="utf-8")
+    with pytest.raises(ArtifactError, match="--force"):
+        build_repository(tmp_path, quick=True)
+    assert (tmp_path / "models.yaml").read_text(encoding="utf-8") == "models: []\n"
+
+
+def test_quick_models_beat_chance(small_repo: Path) -> None:
+    """Even two epochs on a couple of thousand glosses learn something real."""
+    for name, labels in (("noun-topic", 26), ("verb-topic", 15), ("pos", 4)):
+        acc = load_model_manifest(small_repo / name / "1").metrics["test_accuracy"]
+        assert acc > 2.0 / labels, (name, acc)
