@@ -197,20 +197,13 @@ class Batcher:
         """Predicts currently running in the executor."""
         return self._in_flight
 
-    async def submit(
-        self, encoded: Sequence[Sequence[int]], *, deadline: float | None = None
-    ) -> ProbArray:
-        """Probabilities ``[len(encoded), labels]`` for the encoded texts, in order.
-
-        ``deadline`` is a ``time.monotonic()`` instant; if (the rest of) the request has not
-        started by then it fails with :class:`DeadlineExceeded`.
-        """
-        loop = self._loop
-        if loop is None:
-            raise RuntimeError(f"batcher {self.name!r}: start() was not called")
+    def admit(self, n: int) -> None:
+        """Raise what ``submit`` of ``n`` texts would raise right now for capacity reasons:
+        :class:`ShuttingDown` (closing), :class:`BadRequest` (no texts),
+        :class:`PayloadTooLarge` (more than ``max_queue`` texts) or :class:`Overloaded` (the
+        queue cannot take them). Lets a caller refuse work before paying for tokenization."""
         if self._closing:
             raise ShuttingDown(f"model {self.name} is shutting down")
-        n = len(encoded)
         if n == 0:
             raise BadRequest("no texts to classify")
         if n > self._max_queue:
@@ -222,6 +215,20 @@ class Batcher:
                 f"model {self.name} is overloaded: {self._depth} texts queued "
                 f"(limit {self._max_queue})"
             )
+
+    async def submit(
+        self, encoded: Sequence[Sequence[int]], *, deadline: float | None = None
+    ) -> ProbArray:
+        """Probabilities ``[len(encoded), labels]`` for the encoded texts, in order.
+
+        ``deadline`` is a ``time.monotonic()`` instant; if (the rest of) the request has not
+        started by then it fails with :class:`DeadlineExceeded`.
+        """
+        loop = self._loop
+        if loop is None:
+            raise RuntimeError(f"batcher {self.name!r}: start() was not called")
+        n = len(encoded)
+        self.admit(n)
         now = time.monotonic()
         if deadline is not None and now >= deadline:
             raise DeadlineExceeded("deadline passed before the request was queued")

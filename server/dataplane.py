@@ -18,6 +18,7 @@ Decisions (documented in the API docs too):
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -25,8 +26,16 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-from server.errors import BadRequest, ModelNotReady, PayloadTooLarge, VersionNotFound
-from server.registry import ModelVersion, Registry
+from server.errors import (
+    BadRequest,
+    DeadlineExceeded,
+    ModelNotReady,
+    PayloadTooLarge,
+    ShuttingDown,
+    TextserveError,
+    VersionNotFound,
+)
+from server.registry import ModelVersion, Registry, VersionState
 from server.runtime.base import ProbArray
 from server.settings import Settings
 
@@ -137,16 +146,58 @@ class DataPlane:
         """The READY version serving ``name`` (404 unknown, 503 not ready)."""
         return self.registry.get(name, parse_version(version, name))
 
-    async def probabilities(self, mv: ModelVersion, texts: Sequence[str]) -> ProbArray:
-        """``[len(texts), num_labels]`` probabilities, rows in the order of ``texts``."""
+    async def probabilities(
+        self, mv: ModelVersion, texts: Sequence[str], *, deadline: float | None = None
+    ) -> ProbArray:
+        """``[len(texts), num_labels]`` probabilities, rows in the order of ``texts``.
+
+        A full queue (503) or a passed ``deadline`` (a ``time.monotonic()`` instant; 504) is
+        answered before the texts are tokenized.
+        """
         runtime, batcher = mv.runtime, mv.batcher
         if runtime is None or batcher is None:
             raise ModelNotReady(f"model {mv.name!r} version {mv.version} is not ready")
+        batcher.admit(len(texts))
+        if deadline is not None and time.monotonic() >= deadline:
+            raise DeadlineExceeded("the request's deadline passed before inference")
         encode = runtime.tokenizer.encode
-        return await batcher.submit([encode(t) for t in texts])
+        return await batcher.submit([encode(t) for t in texts], deadline=deadline)
+
+    async def classify(
+        self,
+        mv: ModelVersion,
+        texts: Sequence[str],
+        *,
+        deadline: float | None = None,
+        follow: bool = True,
+    ) -> Classified:
+        """:meth:`probabilities` of ``mv``, following hot reloads.
+
+        With ``follow`` (the request named no version), when ``mv`` stopped serving between
+        :meth:`resolve` and the submit — a reload replaced it, or it is unloading — the texts go
+        to the version that serves the model now, so a reload never fails a request. The
+        answer names the version that actually ran.
+        """
+        while True:
+            try:
+                return Classified(mv, await self.probabilities(mv, texts, deadline=deadline))
+            except (ShuttingDown, ModelNotReady):
+                if not follow or mv.state is VersionState.READY:
+                    raise
+                try:
+                    newer = self.registry.get(mv.name)
+                except TextserveError:
+                    newer = mv
+                if newer is mv:
+                    raise
+                mv = newer
 
     async def classify_many(
-        self, texts: Sequence[str], models: Sequence[str] | None
+        self,
+        texts: Sequence[str],
+        models: Sequence[str] | None,
+        *,
+        deadline: float | None = None,
     ) -> list[Classified]:
         """Every text by every model (all models with a READY version when ``models`` is None),
         the models running concurrently. Every named model is resolved before any work starts,
@@ -158,8 +209,9 @@ class DataPlane:
         else:
             names = list(dict.fromkeys(models))
         versions = [self.resolve(n) for n in names]
-        probs = await asyncio.gather(*(self.probabilities(mv, texts) for mv in versions))
-        return [Classified(mv, p) for mv, p in zip(versions, probs, strict=True)]
+        return list(
+            await asyncio.gather(*(self.classify(mv, texts, deadline=deadline) for mv in versions))
+        )
 
     def cap_top_k(self, top_k: int, mv: ModelVersion) -> int:
         return min(top_k, len(mv.labels))

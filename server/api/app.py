@@ -26,7 +26,7 @@ from starlette.responses import Response
 from server import __version__
 from server.api.body import json_response
 from server.api.paths import MODEL, MODEL_VERSION
-from server.api.routes import native, tfserving, v2
+from server.api.routes import admin, native, tfserving, v2
 from server.api.schemas import ErrorResponse, openapi_components
 from server.dataplane import DataPlane
 from server.errors import NotFound, TextserveError
@@ -113,6 +113,7 @@ def create_app(settings: Settings) -> FastAPI:
     app.include_router(native.router(plane))
     app.include_router(tfserving.router(plane))
     app.include_router(v2.router(plane))
+    app.include_router(admin.router(plane))
 
     @app.post(MODEL + ":{action}", include_in_schema=False)
     @app.post(MODEL_VERSION + ":{action}", include_in_schema=False)

@@ -59,7 +59,7 @@ def test_model_metadata_and_readiness(client: httpx.Client) -> None:
     assert client.get("/v2/models/pos/ready").json() == {"name": "pos", "ready": True}
     assert client.get("/v2/models/pos/versions/1/ready").status_code == 200
     r = client.get(f"/v2/models/{BROKEN}/ready")
-    assert r.status_code == 503
+    assert r.status_code == 400
     assert r.json()["ready"] is False
     assert "model.pb" in r.json()["error"]
     assert client.get("/v2/models/nope/ready").status_code == 404

@@ -18,6 +18,7 @@ from starlette.responses import Response
 
 from server.api import describe
 from server.api.body import json_response, read_json_object
+from server.api.deadline import request_deadline
 from server.api.paths import MODEL, MODEL_VERSION
 from server.api.schemas import (
     ERROR_RESPONSES,
@@ -41,14 +42,16 @@ def router(plane: DataPlane) -> APIRouter:
     registry = plane.registry
 
     async def _classify(name: str, version: str | None, request: Request) -> Response:
+        deadline = request_deadline(request)
         mv = plane.resolve(name, version)
         texts, top_k = parse_classify(await read_json_object(request, limit), plane)
-        probs = await plane.probabilities(mv, texts)
+        answer = await plane.classify(mv, texts, deadline=deadline, follow=version is None)
+        mv = answer.model
         return json_response(
             {
                 "model": mv.name,
                 "version": str(mv.version),
-                "results": labelled_results(probs, mv.labels, plane.cap_top_k(top_k, mv)),
+                "results": labelled_results(answer.probs, mv.labels, plane.cap_top_k(top_k, mv)),
             }
         )
 
@@ -80,8 +83,9 @@ def router(plane: DataPlane) -> APIRouter:
         openapi_extra=request_body(MultiClassifyRequest),
     )
     async def classify_many(request: Request) -> Response:
+        deadline = request_deadline(request)
         texts, models, top_k = parse_multi_classify(await read_json_object(request, limit), plane)
-        answers = await plane.classify_many(texts, models)
+        answers = await plane.classify_many(texts, models, deadline=deadline)
         return json_response(
             {
                 "models": [a.model.name for a in answers],

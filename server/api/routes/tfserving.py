@@ -22,6 +22,7 @@ from starlette.responses import Response
 
 from server.api import describe
 from server.api.body import FORM, json_response, read_json_object
+from server.api.deadline import request_deadline
 from server.api.paths import MODEL, MODEL_VERSION
 from server.api.schemas import (
     ERROR_RESPONSES,
@@ -45,11 +46,12 @@ def router(plane: DataPlane) -> APIRouter:
     registry = plane.registry
 
     async def _predict(name: str, version: str | None, request: Request) -> Response:
+        deadline = request_deadline(request)
         mv = plane.resolve(name, version)
         texts, columnar = parse_predict(await read_json_object(request, limit, _ALSO), plane)
-        probs = await plane.probabilities(mv, texts)
+        answer = await plane.classify(mv, texts, deadline=deadline, follow=version is None)
         key = "outputs" if columnar else "predictions"
-        return json_response({key: np.ascontiguousarray(probs)})
+        return json_response({key: np.ascontiguousarray(answer.probs)})
 
     @api.post(
         f"{MODEL}:predict",

@@ -7,8 +7,9 @@
 * ``GET /v2``: server metadata with the supported extensions.
 * ``GET /v2/models/{name}[/versions/{v}]``: model metadata (input ``text`` BYTES ``[-1]``,
   output ``probs`` FP32 ``[-1, num_labels]``).
-* ``GET /v2/models/{name}[/versions/{v}]/ready``: 200 ``{"name", "ready": true}``, or 503 with
-  ``"ready": false`` and the reason (404 for an unknown model/version).
+* ``GET /v2/models/{name}[/versions/{v}]/ready``: 200 ``{"name", "ready": true}``, or 400 with
+  ``"ready": false`` and the reason (the protocol's 4xx for false, Triton's 400); 404 for an
+  unknown model/version.
 * ``POST /v2/models/{name}[/versions/{v}]/infer``: see :mod:`server.api.v2_codec`.
 """
 
@@ -19,6 +20,7 @@ from starlette.responses import Response
 
 from server.api import describe
 from server.api.body import OCTET_STREAM, check_content_type, json_response, read_body
+from server.api.deadline import request_deadline
 from server.api.paths import V2_MODEL, V2_MODEL_VERSION
 from server.api.schemas import (
     ERROR_RESPONSES,
@@ -85,17 +87,19 @@ def router(plane: DataPlane) -> APIRouter:
         return await _metadata(name, version)
 
     def _ready(name: str, version: str | None) -> Response:
+        # The V2 protocol: "a 200 status code indicates true and a 4xx status code indicates
+        # false"; Triton (and tritonclient's is_model_ready) use 400.
         try:
             plane.resolve(name, version)
         except ModelNotReady as exc:
-            return json_response({"name": name, "ready": False, "error": exc.message}, 503)
+            return json_response({"name": name, "ready": False, "error": exc.message}, 400)
         return json_response({"name": name, "ready": True})
 
     @api.get(
         f"{V2_MODEL}/ready",
         summary="Model readiness",
         response_model=V2ModelReady,
-        responses={404: {"model": ErrorResponse}, 503: {"model": V2ModelReady}},
+        responses={400: {"model": V2ModelReady}, 404: {"model": ErrorResponse}},
     )
     async def model_ready(name: str) -> Response:
         return _ready(name, None)
@@ -104,18 +108,22 @@ def router(plane: DataPlane) -> APIRouter:
         f"{V2_MODEL_VERSION}/ready",
         summary="Model version readiness",
         response_model=V2ModelReady,
-        responses={404: {"model": ErrorResponse}, 503: {"model": V2ModelReady}},
+        responses={400: {"model": V2ModelReady}, 404: {"model": ErrorResponse}},
     )
     async def version_ready(name: str, version: str) -> Response:
         return _ready(name, version)
 
     async def _infer(name: str, version: str | None, request: Request) -> Response:
+        deadline = request_deadline(request)
         mv = plane.resolve(name, version)
         check_content_type(request, _ALSO)
         body = await read_body(request, limit)
         infer = parse_infer(body, request.headers.get(HEADER_LENGTH), plane)
-        probs = await plane.probabilities(mv, infer.texts)
-        content, headers = encode_infer_response(infer, mv.name, mv.version, mv.labels, probs)
+        answer = await plane.classify(mv, infer.texts, deadline=deadline, follow=version is None)
+        mv = answer.model
+        content, headers = encode_infer_response(
+            infer, mv.name, mv.version, mv.labels, answer.probs
+        )
         media = OCTET_STREAM if headers else "application/json"
         return Response(content, headers=headers, media_type=media)
 
