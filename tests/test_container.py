@@ -100,16 +100,17 @@ def free_port() -> int:
 def http(
     method: str, url: str, body: Any = None, timeout: float = 30
 ) -> tuple[int, bytes, dict[str, str]]:
+    """(status, body, headers with lower-case names)."""
     data = None if body is None else json.dumps(body).encode()
     req = urllib.request.Request(
         url, data=data, method=method, headers={"Content-Type": "application/json"}
     )
     try:
         with urllib.request.urlopen(req, timeout=timeout) as r:
-            return r.status, r.read(), dict(r.headers)
+            return r.status, r.read(), {k.lower(): v for k, v in r.headers.items()}
     except urllib.error.HTTPError as e:
         with e:
-            return e.code, e.read(), dict(e.headers)
+            return e.code, e.read(), {k.lower(): v for k, v in e.headers.items()}
 
 
 def labels_of(repo: Path, model: str) -> set[str]:
@@ -225,7 +226,7 @@ def test_container_serves_a_mounted_repository(
     if metrics_status == 404:
         pytest.skip("GET /metrics not wired into server/api yet; everything else passed")
     assert metrics_status == 200
-    assert headers.get("Content-Type", "").startswith("text/plain")
+    assert headers.get("content-type", "").startswith("text/plain")
     families = {f.name for f in text_string_to_metric_families(metrics_body.decode())}
     assert {"textserve_build_info", "textserve_requests", "textserve_model_state"} <= families
 
@@ -270,7 +271,7 @@ def test_compose_spreads_requests_over_replicas(
             try:
                 status, _, headers = http("GET", f"{base}/v2/health/ready", timeout=5)
                 if status == 200:
-                    ready.add(last_upstream(headers.get("X-Upstream", "")))
+                    ready.add(last_upstream(headers.get("x-upstream", "")))
             except OSError:
                 pass
             time.sleep(0.5)
@@ -283,7 +284,7 @@ def test_compose_spreads_requests_over_replicas(
             )
             assert status == 200, body
             assert len(json.loads(body)["results"]) == len(TEXTS)
-            answered[last_upstream(headers["X-Upstream"])] += 1
+            answered[last_upstream(headers["x-upstream"])] += 1
         assert len(answered) == len(replicas), answered
         assert min(answered.values()) >= 3, answered
 
