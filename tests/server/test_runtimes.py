@@ -463,27 +463,33 @@ from server.runtime.loader import load_runtime
 version_dir, emb_dir, mode = Path(sys.argv[1]), Path(sys.argv[2]), sys.argv[3]
 store = EmbeddingStore()
 held = store.acquire(emb_dir) if mode == "shared" else None
-rows = 220_000 if held is None else held.rows
 ids = np.random.default_rng(1).integers(2, 1000, size=(64, 50)).astype(np.int32)
 before = process_memory().rss
-t = time.perf_counter()
-runtime = load_runtime(version_dir, store=store, embedding_dir=None,
-                       intra_op_threads=2, inter_op_threads=1)
-load_s = time.perf_counter() - t
-loaded = process_memory().rss
-t = time.perf_counter()
-runtime.predict(ids)
-first = time.perf_counter() - t
-after_first = process_memory().rss
-runs = []
-for _ in range(15):
+firsts = []
+for attempt in range(3):  # load, first predict; twice more after closing (noise on 2 cores)
+    t = time.perf_counter()
+    runtime = load_runtime(version_dir, store=store, embedding_dir=None,
+                           intra_op_threads=2, inter_op_threads=1)
+    load_s = time.perf_counter() - t
+    loaded = process_memory().rss
     t = time.perf_counter()
     runtime.predict(ids)
-    runs.append(time.perf_counter() - t)
-print(json.dumps({"first_s": first, "steady_s": statistics.median(runs), "load_s": load_s,
-                  "load_growth": loaded - before, "growth": after_first - before,
-                  "own_bytes": runtime.own_bytes, "embedding_bytes": runtime.embedding.nbytes,
-                  "shared": runtime.embedding is held, "store_size": len(store)}))
+    firsts.append(time.perf_counter() - t)
+    if attempt == 0:
+        result = {"load_s": load_s, "load_growth": loaded - before,
+                  "growth": process_memory().rss - before, "own_bytes": runtime.own_bytes,
+                  "embedding_bytes": runtime.embedding.nbytes,
+                  "shared": runtime.embedding is held, "store_size": len(store)}
+        runs = []
+        for _ in range(15):
+            t = time.perf_counter()
+            runtime.predict(ids)
+            runs.append(time.perf_counter() - t)
+        result["steady_s"] = statistics.median(runs)
+    runtime.close()
+result["first_s"] = firsts[0]
+result["median_first_s"] = statistics.median(firsts)
+print(json.dumps(result))
 """
 
 
@@ -585,7 +591,9 @@ def test_large_selfcontained_graph_naive_vs_textserve(tmp_path: Path) -> None:
 
     def line(what: str, r: dict[str, float]) -> str:
         return (
-            f"\n{what}: first {r['first_s'] * 1e3:.1f} ms, steady {r['steady_s'] * 1e3:.1f} ms, "
+            f"\n{what}: first {r['first_s'] * 1e3:.1f} ms"
+            + (f" (median of 3 loads {r['median_first_s'] * 1e3:.1f})" if "load_s" in r else "")
+            + f", steady {r['steady_s'] * 1e3:.1f} ms, "
             f"RSS +{r['growth'] / MiB:.1f} MiB (+{r['load_growth'] / MiB:.1f} MiB after load)"
             + (f", load {r['load_s']:.2f} s" if "load_s" in r else "")
         )
@@ -601,13 +609,20 @@ def test_large_selfcontained_graph_naive_vs_textserve(tmp_path: Path) -> None:
     assert naive["growth"] > 2 * emb_bytes
     # (b) textserve: the first predict is an ordinary one, and no second copy of the matrix
     for result in (shared, alone):
-        assert result["first_s"] <= 3 * result["steady_s"]
+        # The first predict after each of 3 loads, median: one sample is at the mercy of the
+        # other processes on 2 cores (quiet: first 17.0 ms vs steady 15.9 ms; under a load
+        # average of 12 single first predicts measured 2-10x). The very first predict of the
+        # process gets a loose bound that still fails the naive way (~1000x).
+        assert result["median_first_s"] <= 3 * result["steady_s"]
+        assert result["first_s"] <= 20 * result["steady_s"]
         assert result["embedding_bytes"] == emb_bytes
         assert result["store_size"] == 1
     assert shared["shared"] is True
     own = shared["own_bytes"]
     assert 0 < own < 4 * MiB
-    assert shared["growth"] < own + 48 * MiB  # the session's own overhead is ~20 MiB
+    # growth = own weights + TensorFlow's first session in a process (~35 MiB measured; a
+    # further model costs ~3 MiB): far from the 252 MiB a copy of the embedding would add
+    assert shared["growth"] < own + 64 * MiB
     assert alone["growth"] < emb_bytes + own + 64 * MiB
 
 
