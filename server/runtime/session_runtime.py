@@ -105,11 +105,11 @@ class SessionRuntime(Runtime):
         self._closed = False
         try:
             self._check_vocabulary()
-            fetch = graph.get_tensor_by_name(output)
-            feeds = [graph.get_tensor_by_name(input_ids), graph.get_tensor_by_name(embedded)]
+            fetch = self._tensor(output)
+            feeds = [self._tensor(input_ids), self._tensor(embedded)]
             self._feed_dropout = dropout is not None
             if dropout is not None:
-                feeds.append(graph.get_tensor_by_name(dropout))
+                feeds.append(self._tensor(dropout))
             self._check_embedded(feeds[1])
             self._keep_prob = np.array(1.0, dtype=np.float32)
             self._run = session.make_callable(fetch, feeds)
@@ -119,6 +119,14 @@ class SessionRuntime(Runtime):
             raise
 
     # -- load-time checks ---------------------------------------------------------------------
+
+    def _tensor(self, name: str) -> Any:
+        try:
+            return self._graph.get_tensor_by_name(name)
+        except (KeyError, ValueError) as exc:
+            raise ArtifactError(
+                f"{self.manifest.name} v{self.manifest.version}: the graph has no tensor {name!r}"
+            ) from exc
 
     def _check_vocabulary(self) -> None:
         assert self._embedding is not None

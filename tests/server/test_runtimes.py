@@ -404,6 +404,18 @@ def test_frozen_graph_missing_node(small: SmallRepo, tmp_path: Path) -> None:
     )
     with pytest.raises(ArtifactError, match="node 'output/nope' not found"):
         _load(version, EmbeddingStore(), small.emb_dir)
+    write_manifest(
+        version,
+        name="m",
+        fmt=ModelFormat.FROZEN,
+        spec=SPEC,
+        embedding=small.ref,
+        tensors=TensorNames(output="output/probs:3"),
+    )
+    store = EmbeddingStore()
+    with pytest.raises(ArtifactError, match="the graph has no tensor 'output/probs:3'"):
+        _load(version, store, small.emb_dir)
+    assert len(store) == 0
 
 
 def test_unservable_format(small: SmallRepo, tmp_path: Path) -> None:
