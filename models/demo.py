@@ -65,9 +65,10 @@ QUICK_SIZES: dict[str, tuple[int, int, int]] = {
 }
 QUICK_CONFIG = TrainConfig(num_filters=32, epochs=2, learning_rate=3e-3, patience=1)
 FULL_CONFIG: dict[str, TrainConfig] = {
-    "noun-topic": TrainConfig(num_filters=256, epochs=12, patience=2),
-    "verb-topic": TrainConfig(num_filters=256, epochs=15, patience=3),
-    "pos": TrainConfig(num_filters=128, epochs=8, patience=2),
+    # 65k glosses: ~0.79 test accuracy after 7-8 epochs (20 s/epoch on 2 busy cores).
+    "noun-topic": TrainConfig(num_filters=256, batch_size=128, learning_rate=2e-3, epochs=8),
+    "verb-topic": TrainConfig(num_filters=256, batch_size=64, learning_rate=2e-3, epochs=10),
+    "pos": TrainConfig(num_filters=128, batch_size=128, learning_rate=2e-3, epochs=3),
 }
 
 

@@ -85,6 +85,25 @@ class TrainedModel:
 
 
 Progress = Callable[[str, int, int], None]
+BUCKET_BATCHES = 32
+
+
+def length_bucketed_batches(
+    lengths: npt.NDArray[np.int64], batch_size: int, rng: np.random.Generator
+) -> list[npt.NDArray[np.int64]]:
+    """Shuffled mini-batches of similar-length texts (less padding per batch).
+
+    The examples are shuffled, cut into pools of ``BUCKET_BATCHES`` batches, each pool sorted
+    by length and cut into batches; then the batches are shuffled. Every example appears once.
+    """
+    order = rng.permutation(len(lengths))
+    pool = batch_size * BUCKET_BATCHES
+    batches: list[npt.NDArray[np.int64]] = []
+    for start in range(0, len(order), pool):
+        chunk = order[start : start + pool]
+        chunk = chunk[np.argsort(lengths[chunk], kind="stable")]
+        batches.extend(chunk[i : i + batch_size] for i in range(0, len(chunk), batch_size))
+    return [batches[i] for i in rng.permutation(len(batches))]
 
 
 def session_config(threads: int) -> Any:
@@ -198,13 +217,15 @@ class Trainer:
         return [self.tokenizer.encode(t) for t in texts]
 
     def predict_proba(self, encoded: list[list[int]], batch_size: int = 256) -> FloatMatrix:
-        out = []
+        """Probabilities in input order; texts are batched by length (the graph is
+        padding-invariant, so this changes only the speed)."""
+        out = np.zeros((len(encoded), len(self.labels)), dtype=np.float32)
+        order = np.argsort([len(e) for e in encoded], kind="stable")
         for start in range(0, len(encoded), batch_size):
-            ids = self.tokenizer.pad(encoded[start : start + batch_size])
-            out.append(self.session.run(self.tg.cnn.probs, {self.tg.cnn.input_x: ids}))
-        if not out:
-            return np.zeros((0, len(self.labels)), dtype=np.float32)
-        return np.concatenate(out).astype(np.float32, copy=False)
+            idx = order[start : start + batch_size]
+            ids = self.tokenizer.pad([encoded[i] for i in idx])
+            out[idx] = self.session.run(self.tg.cnn.probs, {self.tg.cnn.input_x: ids})
+        return out
 
     def accuracy(self, encoded: list[list[int]], y: LabelArray) -> float:
         if len(y) == 0:
@@ -224,15 +245,16 @@ class Trainer:
         val_x = self.encode(dataset.validation.texts)
         tg = self.tg
         n = len(train_x)
-        steps = (n + cfg.batch_size - 1) // cfg.batch_size
+        pool = cfg.batch_size * BUCKET_BATCHES
+        steps = sum(-(-min(pool, n - s) // cfg.batch_size) for s in range(0, n, pool))
         best_acc, best_epoch, best_weights = -1.0, 0, self.weights()
         history: list[dict[str, float]] = []
         started = time.monotonic()
+        lengths = np.array([len(e) for e in train_x])
         for epoch in range(1, cfg.epochs + 1):
-            order = rng.permutation(n)
+            batches = length_bucketed_batches(lengths, cfg.batch_size, rng)
             losses = []
-            for step in range(steps):
-                idx = order[step * cfg.batch_size : (step + 1) * cfg.batch_size]
+            for step, idx in enumerate(batches):
                 ids = self.tokenizer.pad([train_x[i] for i in idx])
                 feed = {
                     tg.cnn.input_x: ids,

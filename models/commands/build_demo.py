@@ -28,6 +28,9 @@ def configure(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from models.tflog import quiet_tensorflow
+
+    quiet_tensorflow()
     repo: Path = args.repo
     if repo.exists() and (not repo.is_dir() or any(repo.iterdir())) and not args.force:
         raise ArtifactError(

@@ -42,6 +42,9 @@ def print_exports(exports: Sequence[Exported]) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from models.tflog import quiet_tensorflow
+
+    quiet_tensorflow()
     from models.workflow import export_run
 
     formats = parse_formats(args.formats)

@@ -104,6 +104,9 @@ def parse_formats(text: str) -> list[ModelFormat]:
 
 
 def run(args: argparse.Namespace) -> int:
+    from models.tflog import quiet_tensorflow
+
+    quiet_tensorflow()
     if args.out is None and args.repo is None:
         raise UsageError("give --out DIR and/or --repo REPO --name NAME")
     if (args.repo is None) != (args.name is None):

@@ -8,6 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from models.data import load_wordnet
@@ -184,9 +185,22 @@ def test_train_export_and_init_from(
 def test_init_from_dimension_mismatch(
     capsys: pytest.CaptureFixture[str], tmp_path: Path, verbs_jsonl: Path, repo: Path
 ) -> None:
-    pb = repo / "verbs" / "2" / "model.pb"
-    if not pb.exists():
-        pytest.skip("needs test_train_export_and_init_from's export")
+    # A frozen 50-d graph (random weights) for the 15 verb topics.
+    from models.cnn import model_variable_shapes
+    from models.embeddings import load_embedding
+    from models.export import export
+    from models.train import TrainedModel
+    from server.artifact import CnnSpec, TokenizerSpec
+
+    spec = CnnSpec(embedding_dim=50, filter_widths=(2, 3), num_filters=4, num_classes=15)
+    rng = np.random.default_rng(0)
+    weights = {
+        n: rng.standard_normal(s).astype(np.float32) for n, s in model_variable_shapes(spec).items()
+    }
+    emb = load_embedding(repo / "embeddings" / "glove-6b-50d-top3000")
+    labels = tuple(f"l{i}" for i in range(15))
+    model = TrainedModel(spec, TokenizerSpec(), labels, weights, emb)
+    pb = export(model, ModelFormat.FROZEN, tmp_path / "pb" / "1", "m", 1).path / "model.pb"
     code, _, err = _run(
         capsys, "gen-embedding", "--repo", str(tmp_path), "generated", "--rows", "500",
         "--dim", "16", "--name", "small16",
@@ -199,3 +213,15 @@ def test_init_from_dimension_mismatch(
     )  # fmt: skip
     assert code == 2
     _one_line_error(err, "embedding dimension mismatch", "50", "16")
+
+
+def test_build_demo_quick_prints_cnn_and_baseline(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    repo = tmp_path / "demo"
+    code, out, err = _run(capsys, "build-demo", "--quick", "--repo", str(repo))
+    assert code == 0, err
+    assert "TF-IDF" in out
+    for name in ("noun-topic", "verb-topic", "pos"):
+        assert name in out
+    assert load_repository_config(repo).model("pos") is not None
