@@ -29,12 +29,14 @@ import numpy.typing as npt
 from server.errors import (
     BadRequest,
     DeadlineExceeded,
+    ModelNotFound,
     ModelNotReady,
     PayloadTooLarge,
     ShuttingDown,
     TextserveError,
     VersionNotFound,
 )
+from server.metrics import current_request
 from server.registry import ModelVersion, Registry, VersionState
 from server.runtime.base import ProbArray
 from server.settings import Settings
@@ -143,8 +145,28 @@ class DataPlane:
     # -- inference ----------------------------------------------------------------------------
 
     def resolve(self, name: str, version: str | int | None = None) -> ModelVersion:
-        """The READY version serving ``name`` (404 unknown, 503 not ready)."""
-        return self.registry.get(name, parse_version(version, name))
+        """The READY version serving ``name`` (404 unknown, 503 not ready).
+
+        Notes the model version in the request's metrics record (:data:`current_request`);
+        a configured model that is not ready, or lacks the version, is noted by name alone.
+        """
+        record = current_request.get()
+        try:
+            mv = self.registry.get(name, parse_version(version, name))
+        except (ModelNotReady, VersionNotFound):
+            if record is not None and self._configured(name):
+                record.resolved(name, "")
+            raise
+        if record is not None:
+            record.resolved(mv.name, str(mv.version))
+        return mv
+
+    def _configured(self, name: str) -> bool:
+        try:
+            self.registry.entry(name)
+        except ModelNotFound:
+            return False
+        return True
 
     async def probabilities(
         self, mv: ModelVersion, texts: Sequence[str], *, deadline: float | None = None
@@ -161,7 +183,11 @@ class DataPlane:
         if deadline is not None and time.monotonic() >= deadline:
             raise DeadlineExceeded("the request's deadline passed before inference")
         encode = runtime.tokenizer.encode
-        return await batcher.submit([encode(t) for t in texts], deadline=deadline)
+        probs = await batcher.submit([encode(t) for t in texts], deadline=deadline)
+        record = current_request.get()
+        if record is not None:
+            record.classified(mv.name, str(mv.version), len(texts))
+        return probs
 
     async def classify(
         self,

@@ -38,6 +38,7 @@ import contextlib
 import os
 import platform
 from collections.abc import Iterable, Mapping
+from contextvars import ContextVar
 from importlib import metadata
 from pathlib import Path
 from typing import TYPE_CHECKING, Final, Protocol
@@ -114,6 +115,41 @@ def _dist_version(names: Iterable[str]) -> str:
 def tensorflow_version() -> str:
     """TensorFlow's installed version, read from package metadata (no ``import tensorflow``)."""
     return _dist_version(("tensorflow-cpu", "tensorflow", "tensorflow-intel", "tf-nightly"))
+
+
+class RequestRecord:
+    """What the data plane learned while answering one HTTP request.
+
+    The API layer puts a fresh record in :data:`current_request` around each request; the data
+    plane (transport-free) notes which model versions the request resolved and how many texts
+    each classified. Label values come only from the registry (never from the raw path), so
+    an unknown model name in a URL cannot create a series.
+    """
+
+    __slots__ = ("models",)
+
+    def __init__(self) -> None:
+        self.models: dict[tuple[str, str], int] = {}
+        """``(model, version)`` → texts classified (version ``""``: the model, not ready)."""
+
+    def resolved(self, model: str, version: str) -> None:
+        """The request addressed ``model``/``version`` (known to the registry)."""
+        self.models.setdefault((model, version), 0)
+
+    def classified(self, model: str, version: str, texts: int) -> None:
+        """``model``/``version`` classified ``texts`` texts for the request."""
+        key = (model, version)
+        if key not in self.models:
+            # The request followed a hot reload from the version it resolved to this one.
+            for other in [k for k, n in self.models.items() if k[0] == model and n == 0]:
+                del self.models[other]
+        self.models[key] = self.models.get(key, 0) + texts
+
+
+current_request: ContextVar[RequestRecord | None] = ContextVar(
+    "textserve_current_request", default=None
+)
+"""The :class:`RequestRecord` of the request being answered (None outside a request)."""
 
 
 class MemorySource(Protocol):
@@ -272,6 +308,10 @@ class Metrics:
         ).set(1)
         self._states: dict[tuple[str, str], set[str]] = {}
         self._memory_kinds: dict[tuple[str, str], set[str]] = {}
+        # Label children of the per-request series, bound once (``labels()`` costs ~4 us a
+        # call; a cached child ~1 us). Safe because these series are never removed.
+        self._request_children: dict[tuple[str, str, str, int], tuple[Counter, Histogram]] = {}
+        self._text_children: dict[tuple[str, str], Counter] = {}
 
     # -- requests ---------------------------------------------------------------------------
     def observe_request(
@@ -285,10 +325,47 @@ class Metrics:
         texts: int = 0,
     ) -> None:
         """One answered request. ``route`` is the route template; ``texts`` counts only on 2xx."""
-        self.requests.labels(model, version, route, str(status)).inc()
-        self.request_duration.labels(model, version, route).observe(duration_s)
+        key = (model, version, route, status)
+        children = self._request_children.get(key)
+        if children is None:
+            children = (
+                self.requests.labels(model, version, route, str(status)),
+                self.request_duration.labels(model, version, route),
+            )
+            self._request_children[key] = children
+        children[0].inc()
+        children[1].observe(duration_s)
         if texts and model and 200 <= status < 300:
-            self.texts.labels(model, version).inc(texts)
+            self.count_texts(model, version, texts)
+
+    def count_texts(self, model: str, version: str, texts: int) -> None:
+        """``texts`` more texts classified by ``model``/``version``."""
+        child = self._text_children.get((model, version))
+        if child is None:
+            child = self._text_children[(model, version)] = self.texts.labels(model, version)
+        child.inc(texts)
+
+    def observe_record(
+        self, route: str, status: int, duration_s: float, record: RequestRecord
+    ) -> None:
+        """One answered request with what the data plane recorded about it.
+
+        A request that addressed exactly one model version is labelled with it; a request
+        over several models (``/v1/classify``) is counted once with empty model/version
+        labels, and its texts per model version. Texts count only on 2xx.
+        """
+        models = record.models
+        if len(models) == 1:
+            ((model, version), texts) = next(iter(models.items()))
+            self.observe_request(
+                route, status, duration_s, model=model, version=version, texts=texts
+            )
+            return
+        self.observe_request(route, status, duration_s)
+        if 200 <= status < 300:
+            for (model, version), texts in models.items():
+                if texts and model:
+                    self.count_texts(model, version, texts)
 
     # -- batcher ----------------------------------------------------------------------------
     def batch_observer(self, model: str, version: str) -> BatchMetrics:

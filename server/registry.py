@@ -65,7 +65,7 @@ from server.errors import (
     TextserveError,
     VersionNotFound,
 )
-from server.memory import ProcessMemory, process_memory
+from server.memory import MemoryMonitor, ProcessMemory
 from server.settings import Settings
 
 if TYPE_CHECKING:
@@ -255,9 +255,20 @@ def _reason(exc: BaseException, limit: int = 500) -> str:
 class Registry:
     """Loads and serves the model set of one repository. See the module docstring."""
 
-    def __init__(self, settings: Settings, *, listener: RegistryListener | None = None) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        *,
+        listener: RegistryListener | None = None,
+        memory: MemoryMonitor | None = None,
+    ) -> None:
         self.settings = settings
         self.listener = listener
+        self.memory = (
+            memory if memory is not None else MemoryMonitor(settings.memory_sample_interval_s)
+        )
+        """Each load + warm-up runs inside ``memory.track``; READY versions are registered
+        there with their exact tensor bytes, and unregistered when their runtime closes."""
         self.repo = Path(settings.repo)
         self._lock = threading.Lock()
         self._entries: dict[str, ModelEntry] = {}
@@ -618,49 +629,56 @@ class Registry:
         self._notify(mv)
         log.info("loading %s version %d from %s", mc.name, number, path)
         runtime: Runtime | None = None
-        before = process_memory()
         t0 = time.monotonic()
         try:
-            path = mv.path = self._version_dir(mc, number)
-            manifest = load_model_manifest(path)
-            mv.manifest = manifest
-            if mc.format is not None and manifest.format != mc.format:
-                raise ArtifactError(
-                    f"models.yaml expects format {mc.format}, model.json says {manifest.format}"
+            # Registers the version with the memory monitor when the block succeeds (READY).
+            with self.memory.track(mc.name, number) as tracking:
+                path = mv.path = self._version_dir(mc, number)
+                manifest = load_model_manifest(path)
+                mv.manifest = manifest
+                if mc.format is not None and manifest.format != mc.format:
+                    raise ArtifactError(
+                        f"models.yaml expects format {mc.format}, model.json says {manifest.format}"
+                    )
+                if manifest.format not in SERVABLE_FORMATS:
+                    raise ArtifactError(f"format {manifest.format} is not servable")
+                mv.embedding, embedding_dir = self._embedding(config, mc, manifest)
+                assert self._store is not None
+                assert self._inference is not None
+                runtime = load_runtime(
+                    path,
+                    store=self._store,
+                    embedding_dir=embedding_dir,
+                    intra_op_threads=self.settings.intra_op_threads,
+                    inter_op_threads=self.settings.inter_op_threads,
                 )
-            if manifest.format not in SERVABLE_FORMATS:
-                raise ArtifactError(f"format {manifest.format} is not servable")
-            mv.embedding, embedding_dir = self._embedding(config, mc, manifest)
-            assert self._store is not None
-            assert self._inference is not None
-            runtime = load_runtime(
-                path,
-                store=self._store,
-                embedding_dir=embedding_dir,
-                intra_op_threads=self.settings.intra_op_threads,
-                inter_op_threads=self.settings.inter_op_threads,
-            )
-            t1 = time.monotonic()
-            if self.settings.warmup:
-                warm_up(runtime, mv.batching.max_batch_size)
-            t2 = time.monotonic()
-            mv.stats = LoadStats(
-                load_seconds=t1 - t0,
-                warmup_seconds=t2 - t1,
-                memory_before=before,
-                memory_after=process_memory(),
-            )
-            batcher = Batcher(
-                runtime.predict,
-                runtime.tokenizer.pad,
-                max_batch_size=mv.batching.max_batch_size,
-                max_wait_ms=mv.batching.max_wait_ms,
-                max_queue=mv.batching.max_queue,
-                executor=self._inference,
-                name=f"{mc.name}:{number}",
-                observer=self.listener.batch_observer(mv) if self.listener else None,
-            )
-            self._on_loop(self._activate(mv, runtime, batcher))
+                t1 = time.monotonic()
+                if self.settings.warmup:
+                    warm_up(runtime, mv.batching.max_batch_size)
+                t2 = time.monotonic()
+                mv.stats = LoadStats(
+                    load_seconds=t1 - t0,
+                    warmup_seconds=t2 - t1,
+                    memory_before=tracking.before,
+                    memory_after=self.memory.sample(),
+                )
+                shared = self._store.get(runtime.embedding_key) if runtime.embedding_key else None
+                tracking.attach(
+                    runtime,
+                    embedding_bytes=shared.nbytes if shared is not None else None,
+                    embedding_name=mv.embedding or (shared.name if shared is not None else None),
+                )
+                batcher = Batcher(
+                    runtime.predict,
+                    runtime.tokenizer.pad,
+                    max_batch_size=mv.batching.max_batch_size,
+                    max_wait_ms=mv.batching.max_wait_ms,
+                    max_queue=mv.batching.max_queue,
+                    executor=self._inference,
+                    name=f"{mc.name}:{number}",
+                    observer=self.listener.batch_observer(mv) if self.listener else None,
+                )
+                self._on_loop(self._activate(mv, runtime, batcher))
         except Exception as exc:
             reason = _reason(exc)
             if not isinstance(exc, TextserveError):
@@ -726,6 +744,7 @@ class Registry:
         self._notify(mv, removed=True)
 
     def _close_runtime(self, mv: ModelVersion) -> None:
+        self.memory.unregister(mv.name, mv.version)
         runtime, mv.runtime = mv.runtime, None
         if runtime is not None:
             self._close_quietly(runtime)

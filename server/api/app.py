@@ -6,8 +6,10 @@ status and headers (one handler), unknown routes 404, wrong methods 405, request
 startup (in the background: ``/v2/health/live`` answers at once) and is closed — batchers
 drained, sessions closed — at shutdown.
 
-``app.state.registry``, ``app.state.dataplane`` and ``app.state.settings`` give later routes
-(admin, metrics) the same objects.
+``app.state.registry``, ``app.state.dataplane``, ``app.state.settings``, ``app.state.metrics``
+and ``app.state.memory`` give later routes (admin) the same objects. Each app has its own
+Prometheus ``CollectorRegistry`` (never the global one) and its own memory monitor, whose
+sampler thread runs for the lifespan.
 """
 
 from __future__ import annotations
@@ -20,16 +22,19 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.openapi.utils import get_openapi
+from prometheus_client import CollectorRegistry
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.responses import Response
 
 from server import __version__
 from server.api.body import json_response
 from server.api.paths import MODEL, MODEL_VERSION
-from server.api.routes import admin, native, tfserving, v2
+from server.api.routes import admin, memory, metrics, native, tfserving, v2
 from server.api.schemas import ErrorResponse, openapi_components
 from server.dataplane import DataPlane
-from server.errors import NotFound, TextserveError
+from server.errors import ModelNotFound, NotFound, TextserveError
+from server.memory import MemoryMonitor
+from server.metrics import Metrics, RegistryMetrics
 from server.registry import Registry
 from server.settings import Settings
 
@@ -86,16 +91,29 @@ def _document_400_not_422(schema: dict[str, Any]) -> None:
 
 
 def create_app(settings: Settings) -> FastAPI:
-    registry = Registry(settings)
+    prometheus = Metrics(CollectorRegistry())
+    monitor = MemoryMonitor(settings.memory_sample_interval_s)
+    registry = Registry(settings, listener=RegistryMetrics(prometheus), memory=monitor)
     plane = DataPlane(registry, settings)
+
+    def known_model(name: str) -> bool:
+        try:
+            registry.entry(name)
+        except ModelNotFound:
+            return False
+        return True
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        await registry.start()
+        monitor.start()
         try:
-            yield
+            await registry.start()
+            try:
+                yield
+            finally:
+                await registry.close(settings.drain_timeout_s)
         finally:
-            await registry.close(settings.drain_timeout_s)
+            monitor.stop()
 
     app = FastAPI(
         title="textserve",
@@ -106,6 +124,11 @@ def create_app(settings: Settings) -> FastAPI:
     app.state.settings = settings
     app.state.registry = registry
     app.state.dataplane = plane
+    app.state.metrics = prometheus
+    app.state.memory = monitor
+    app.add_middleware(
+        metrics.RequestMetricsMiddleware, metrics=prometheus, known_model=known_model
+    )
     app.add_exception_handler(TextserveError, _textserve_error)
     app.add_exception_handler(StarletteHTTPException, _http_error)
     app.add_exception_handler(RequestValidationError, _validation_error)
@@ -114,6 +137,8 @@ def create_app(settings: Settings) -> FastAPI:
     app.include_router(tfserving.router(plane))
     app.include_router(v2.router(plane))
     app.include_router(admin.router(plane))
+    app.include_router(metrics.router(prometheus, monitor))
+    app.include_router(memory.router(monitor))
 
     @app.post(MODEL + ":{action}", include_in_schema=False)
     @app.post(MODEL_VERSION + ":{action}", include_in_schema=False)
