@@ -35,6 +35,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import logging
+import os
 import threading
 import time
 from collections.abc import Callable, Coroutine
@@ -250,6 +251,21 @@ def _reason(exc: BaseException, limit: int = 500) -> str:
     text = exc.message if isinstance(exc, TextserveError) else f"{type(exc).__name__}: {exc}"
     line = text.strip().splitlines()[0] if text.strip() else type(exc).__name__
     return line if len(line) <= limit else line[: limit - 1] + "…"
+
+
+def check_files_inside(root: Path, directory: Path) -> None:
+    """Every entry under ``directory`` must resolve inside ``root`` and be a regular file or a
+    directory: a symlink pointing out of the repository (or a FIFO/device, which would hang or
+    feed the loader) fails the load with a one-line reason before anything is read."""
+    root_real = Path(root).resolve()
+    for dirpath, dirnames, filenames in os.walk(directory):
+        for name in (*dirnames, *filenames):
+            entry = Path(dirpath) / name
+            target = entry.resolve()
+            if target != root_real and root_real not in target.parents:
+                raise ArtifactError(f"{entry}: resolves outside the repository root ({target})")
+            if not (target.is_file() or target.is_dir()):
+                raise ArtifactError(f"{entry}: not a regular file or directory")
 
 
 class Registry:
@@ -573,7 +589,9 @@ class Registry:
             ),
             str(number),
         )
-        return resolve_inside(self.repo, Path(mc.base_path) / name)
+        directory = resolve_inside(self.repo, Path(mc.base_path) / name)
+        check_files_inside(self.repo, directory)
+        return directory
 
     def _batching(self, mc: ModelConfig) -> BatchingSettings:
         b, s = mc.batching, self.settings
@@ -599,6 +617,7 @@ class Registry:
         if ec is None:
             raise ArtifactError(f"{origin}, but models.yaml declares no embedding of that name")
         directory = resolve_inside(self.repo, ec.path)
+        check_files_inside(self.repo, directory)
         em = load_embedding_manifest(directory)
         if ec.dtype is not None and em.dtype != ec.dtype:
             raise ArtifactError(

@@ -20,8 +20,16 @@ CHECKPOINT_PREFIX = "model.ckpt"
 """``<version>/model.ckpt.index`` + ``model.ckpt.data-*``."""
 
 
+_TF_BOILERPLATE = ("Graph execution error", "Detected at node", "File ", "Node:", "[[")
+"""Lines of a TensorFlow OpError message that say where, not what (skipped in reasons)."""
+
+
 def _first_line(message: str) -> str:
-    return message.strip().splitlines()[0] if message.strip() else message
+    """The first line of ``message`` that says what went wrong (e.g. "Read less bytes than
+    requested" rather than TensorFlow's "Graph execution error:" header)."""
+    lines = [line.strip() for line in message.strip().splitlines() if line.strip()]
+    useful = [line for line in lines if not line.startswith(_TF_BOILERPLATE)]
+    return (useful or lines or [message])[0]
 
 
 def load_stripped(
