@@ -197,11 +197,11 @@ def plot(result: dict[str, Any], path: Path) -> Path:
     import matplotlib.pyplot as plt
 
     models = result["models"]
-    fig, axes = plt.subplots(len(models), 2, figsize=(11, 4.2 * len(models)), squeeze=False)
+    fig, axes = plt.subplots(len(models), 3, figsize=(16, 4.2 * len(models)), squeeze=False)
     styles = {"textserve": "-", "naive": "--"}
     markers = {"batch": "o", "single": "s"}
     for row, model in zip(axes, models, strict=True):
-        tp, p99 = row
+        tp, p99, cpu = row
         for s in SERVERS:
             for kind, label in KINDS.items():
                 runs = sorted(
@@ -222,6 +222,13 @@ def plot(result: dict[str, Any], path: Path) -> Path:
                 p99.plot(
                     xs, [r["p99_ms"] for r in runs], styles[s], marker=markers[kind], label=name
                 )
+                cpu.plot(
+                    xs,
+                    [r.get("server_cpu_us_per_text") for r in runs],
+                    styles[s],
+                    marker=markers[kind],
+                    label=name,
+                )
         ceiling = model["ceiling"]["runtime"]["texts_per_s"]
         tp.axhline(ceiling, color="grey", linestyle=":", label="ceiling: Runtime.predict, batch 64")
         tp.set(
@@ -237,6 +244,16 @@ def plot(result: dict[str, Any], path: Path) -> Path:
             xlabel="concurrent connections",
             ylabel="p99 ms",
             title=f"{model['key']}: p99 latency",
+        )
+        cpu_ceiling = model["ceiling"]["runtime"].get("cpu_us_per_text")
+        if cpu_ceiling:
+            cpu.axhline(cpu_ceiling, color="grey", linestyle=":", label="ceiling")
+        cpu.set(
+            xscale="log",
+            yscale="log",
+            xlabel="concurrent connections",
+            ylabel="server CPU us per text",
+            title=f"{model['key']}: CPU cost per text",
         )
         for ax in row:
             ax.grid(True, which="both", alpha=0.3)

@@ -127,6 +127,8 @@ def aggregate(samples: Sequence[dict[str, Any]]) -> dict[str, Any]:
         "loadavg_1m",
     ):
         row[key] = _median(samples, key)
+    per_text = [s["server_cpu_us_per_text"] for s in samples if s["server_cpu_us_per_text"]]
+    row["server_cpu_us_per_text"] = float(statistics.median(per_text)) if per_text else None
     for key in ("requests", "non_2xx", "socket_errors"):
         row[key] = sum(int(s[key]) for s in samples)
     row["repetitions"] = len(samples)
@@ -326,6 +328,20 @@ def run(opts: Options) -> dict[str, Any]:
         result["meta"]["loadavg"] = (
             f"median {statistics.median(loads):.1f}, range {min(loads):.1f}-{max(loads):.1f}"
         )
+    return result
+
+
+def reaggregate(result: dict[str, Any]) -> dict[str, Any]:
+    """Recompute every aggregate row of a saved result from its raw samples."""
+    for model in result["models"]:
+        for server in model["servers"].values():
+            runs = []
+            for old in server["runs"]:
+                row = aggregate(old["samples"])
+                if "paired_ratio_vs_naive" in old:
+                    row["paired_ratio_vs_naive"] = old["paired_ratio_vs_naive"]
+                runs.append(row)
+            server["runs"] = runs
     return result
 
 

@@ -17,6 +17,7 @@ for a few seconds per point (CI).
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import shlex
 import sys
@@ -81,11 +82,27 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--no-ablation", action="store_true", help="skip the max_wait_ms=0 textserve runs"
     )
+    parser.add_argument(
+        "--report-from",
+        type=Path,
+        default=None,
+        metavar="BENCH_JSON",
+        help="measure nothing: re-aggregate a saved bench.json and rewrite the reports in --out",
+    )
 
 
 def run(args: argparse.Namespace) -> int:
-    from bench.run import Options, write_outputs
+    from bench.run import Options, reaggregate, write_outputs
     from bench.run import run as run_bench
+
+    if args.report_from is not None:
+        try:
+            saved = json.loads(args.report_from.read_text(encoding="utf-8"))
+        except json.JSONDecodeError as exc:
+            raise UsageError(f"{args.report_from}: not JSON: {exc}") from None
+        for kind, path in write_outputs(reaggregate(saved), args.out).items():
+            print(f"{kind}: {path}")
+        return 0
 
     quick: bool = args.quick
     models = (args.models or ("quick" if quick else "demo,seed")).split(",")
