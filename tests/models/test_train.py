@@ -10,7 +10,7 @@ import pytest
 from models.cnn import EMBEDDING_VAR, build_training_graph
 from models.data import Dataset, load_wordnet
 from models.embeddings import EmbeddingArtifact, write_glove
-from models.export import FROZEN_PB, export
+from models.export import FROZEN_PB, export, save_tuned_embedding
 from models.frozen import read_frozen_weights
 from models.train import TrainConfig, Trainer
 from server.artifact import CnnSpec, ModelFormat
@@ -63,15 +63,34 @@ def test_training_learns(data: tuple[Dataset, EmbeddingArtifact]) -> None:
     assert model.metrics["val_accuracy"] > max(before, 0.5)  # 4 classes; 'noun' is ~60%
 
 
-def test_trainable_embedding_changes(data: tuple[Dataset, EmbeddingArtifact]) -> None:
+def test_trainable_embedding_changes_and_is_saved(
+    data: tuple[Dataset, EmbeddingArtifact], tmp_path: Path
+) -> None:
     ds, emb = data
     config = TrainConfig(num_filters=8, epochs=1, threads=1, trainable_embedding=True)
     with Trainer(emb, ds.labels, config) as trainer:
         model = trainer.fit(ds)
-    assert model.embedding_matrix is not None
-    assert not np.array_equal(model.embedding_matrix, emb.matrix())
+        ids = trainer.tokenizer.encode_batch(list(ds.test.texts[:10]))
+        ref = trainer.session.run(trainer.tg.cnn.probs, {trainer.tg.cnn.input_x: ids})
+    tuned = model.embedding_matrix
+    assert tuned is not None
+    assert not np.array_equal(tuned, emb.matrix())
     with pytest.raises(ArtifactError, match="fine-tuned"):
-        export(model, ModelFormat.STRIPPED, Path("/nonexistent/never/1"), "m", 1)
+        export(model, ModelFormat.STRIPPED, tmp_path / "never" / "1", "m", 1)
+    art = save_tuned_embedding(model, tmp_path, "m-embedding")
+    np.testing.assert_array_equal(art.matrix(), tuned)  # PAD/OOV rows too
+    assert model.embedding is art
+    exp = export(model, ModelFormat.FROZEN, tmp_path / "m" / "1", "m", 1)
+    graph_def = tf.compat.v1.GraphDef()
+    graph_def.ParseFromString((exp.path / FROZEN_PB).read_bytes())
+    graph = tf.Graph()
+    with graph.as_default():
+        tf.graph_util.import_graph_def(graph_def, name="")
+    with tf.compat.v1.Session(graph=graph) as sess:
+        probs = sess.run(
+            "output/probs:0", {"input_x:0": ids, "embedding/lookup:0": art.matrix()[ids]}
+        )
+    np.testing.assert_allclose(probs, ref, atol=1e-5)
 
 
 def test_early_stopping_keeps_the_best_epoch(data: tuple[Dataset, EmbeddingArtifact]) -> None:
