@@ -9,7 +9,7 @@ import pytest
 
 @pytest.fixture(scope="session")
 def small_repo(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A real model repository built by ``models.demo.build_repository(quick=True)`` (~9 s on 2 cores).
+    """A real model repository from ``models.demo.build_repository(quick=True)`` (~9 s, 2 cores).
 
     Contents::
 
