@@ -545,15 +545,17 @@ def demo_cases(opts: Options) -> list[Case]:
                 dirs[strategy][emb_name] = src
             elif strategy == "float16":
                 dirs[strategy][emb_name] = compress.to_float16(
-                    work_repo, local, register=False
+                    work_repo, local, register=False, overwrite=True
                 ).path
             elif strategy == "int8":
-                dirs[strategy][emb_name] = compress.to_int8(work_repo, local, register=False).path
+                dirs[strategy][emb_name] = compress.to_int8(
+                    work_repo, local, register=False, overwrite=True
+                ).path
             elif strategy == "vocab":
                 if not train_texts:
                     continue
                 result = compress.prune_vocabulary(
-                    work_repo, local, train_texts, opts.vocab_keep, register=False
+                    work_repo, local, train_texts, opts.vocab_keep, register=False, overwrite=True
                 )
                 opts.notes.append(
                     f"demo vocab: top {opts.vocab_keep} training tokens of {emb_name}: "
@@ -603,9 +605,13 @@ def seed_cases(opts: Options, seed_repo: Path) -> list[Case]:
     src = seed_repo / EMBEDDINGS_DIR / SEED_EMBEDDING
     dirs = {"float32": src, "float32-private": src}
     if "float16" in opts.strategies:
-        dirs["float16"] = compress.to_float16(seed_repo, SEED_EMBEDDING, register=False).path
+        dirs["float16"] = compress.to_float16(
+            seed_repo, SEED_EMBEDDING, register=False, overwrite=True
+        ).path
     if "int8" in opts.strategies:
-        dirs["int8"] = compress.to_int8(seed_repo, SEED_EMBEDDING, register=False).path
+        dirs["int8"] = compress.to_int8(
+            seed_repo, SEED_EMBEDDING, register=False, overwrite=True
+        ).path
     texts = _seed_texts(opts)
     cases = []
     for strategy in (s for s in SEED_STRATEGIES if s in opts.strategies):
@@ -1021,6 +1027,26 @@ def _run_cases(cases: list[Case], describe: Callable[[Case], str]) -> Iterator[C
             yield case
 
 
+SEED_BUILD_JSON = "seed-build.json"
+
+
+def _seed_repository(seed_repo: Path, rows: int) -> dict[str, Any]:
+    """Build the seed-scale repository in a worker, or reuse one built with the same rows."""
+    marker = seed_repo / SEED_BUILD_JSON
+    if marker.is_file():
+        saved: dict[str, Any] = json.loads(marker.read_text(encoding="utf-8"))
+        if saved.get("rows") == rows:
+            print(f"memory-report: reusing {seed_repo}", file=sys.stderr)
+            return saved
+    if seed_repo.exists():
+        shutil.rmtree(seed_repo)
+    print(f"memory-report: writing the seed-scale repository under {seed_repo} …", file=sys.stderr)
+    built = run_worker({"kind": "build-seed", "repo": str(seed_repo), "rows": rows})
+    built["rows"] = rows
+    marker.write_text(json.dumps(built), encoding="utf-8")
+    return built
+
+
 def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--repo", type=Path, help="demo model repository (textserve build-demo)")
     parser.add_argument("--out", type=Path, required=True, help="report directory")
@@ -1077,15 +1103,7 @@ def run(args: argparse.Namespace) -> int:
             cases += demo_cases(opts)
         if "seed" in opts.scales:
             seed_repo = work / "seed-repo"
-            if seed_repo.exists():
-                shutil.rmtree(seed_repo)
-            print(
-                f"memory-report: writing the seed-scale repository under {seed_repo} …",
-                file=sys.stderr,
-            )
-            seed_build = run_worker(
-                {"kind": "build-seed", "repo": str(seed_repo), "rows": opts.seed_rows}
-            )
+            seed_build = _seed_repository(seed_repo, opts.seed_rows)
             cases += seed_cases(opts, seed_repo)
         done = list(_run_cases(cases, lambda c: f"{c.scale} {c.strategy} N={c.n}"))
         rows = summarize(done)
