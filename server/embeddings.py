@@ -266,19 +266,23 @@ class EmbeddingStore:
             existing._users += 1
             return existing
 
-    def register_array(self, array: npt.NDArray[Any], *, name: str) -> SharedEmbedding:
+    def register_array(
+        self, array: npt.NDArray[Any], *, name: str | None = None
+    ) -> SharedEmbedding:
         """Share a matrix cut out of a graph, keyed by the sha256 of its raw (C-order) bytes.
 
         If an embedding with the same bytes is already loaded (an artifact or another graph),
         that one gets one more user and ``array`` is not kept: the caller should drop it.
+        ``name`` (for messages and metrics) defaults to ``graph-<sha256 prefix>``.
         """
         if array.ndim != 2 or array.dtype not in (np.float32, np.float16):
             raise ArtifactError(
-                f"embedding {name!r}: expected a 2-D float32/float16 matrix, "
-                f"got {array.dtype} {array.shape}"
+                f"embedding {name or 'cut from a graph'!r}: expected a 2-D float32/float16 "
+                f"matrix, got {array.dtype} {array.shape}"
             )
         matrix = np.ascontiguousarray(array)
         sha = array_sha256(matrix)
+        name = name or f"graph-{sha[:12]}"
         with self._lock:
             existing = self._by_sha.get(sha)
             if existing is None:

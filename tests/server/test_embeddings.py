@@ -108,7 +108,8 @@ def test_register_array_reuses_the_artifact_with_the_same_bytes(
     assert shared is artifact
     assert shared.users == 2
     assert not np.shares_memory(shared.matrix, from_graph), "the graph's copy is not kept"
-    other = store.register_array(matrix + 1, name="other")
+    other = store.register_array(matrix + 1)
+    assert other.name == f"graph-{other.sha256[:12]}"
     assert other is not artifact
     assert other.sha256 == sha256_of(matrix + 1)
     assert len(store) == 2
