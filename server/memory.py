@@ -260,7 +260,8 @@ class MemoryMonitor:
         """Measure RSS/USS around a load + warm-up; register the model if the block succeeds.
 
         Inside the block, call ``tracking.attach(runtime)``. If the block raises, or never
-        attaches, nothing is registered.
+        attaches, nothing is registered. If the figures cannot be registered (embedding bytes
+        unknown or inconsistent), a warning is logged and the load is left alone.
         """
         tracking = Tracking(model, version, self.sample(), time.monotonic())
         yield tracking
@@ -270,7 +271,10 @@ class MemoryMonitor:
             return
         after = self.sample()
         attached.growth = LoadGrowth(tracking.before, after, time.monotonic() - tracking.started)
-        self._register_entry(model, version, attached)
+        try:
+            self._register_entry(model, version, attached)
+        except ValueError as exc:  # accounting must never fail a load that succeeded
+            log.warning("memory: %s:%d not tracked: %s", model, version, exc)
 
     def register(
         self,

@@ -217,6 +217,14 @@ def test_inconsistent_or_unknown_embedding_sizes_are_refused() -> None:
     assert [m.model for m in monitor.models()] == ["a"]
 
 
+def test_track_never_fails_a_load_over_accounting(caplog: pytest.LogCaptureFixture) -> None:
+    monitor = MemoryMonitor()  # no sizer: the embedding's bytes are unknown
+    with monitor.track("m", 1) as tracking:
+        tracking.attach_figures(own_bytes=5, embedding_key="E")
+    assert monitor.models() == []
+    assert "m:1 not tracked" in caplog.text
+
+
 def test_sampler_runs_and_stops() -> None:
     seen: list[ProcessMemory] = []
     threads: set[str] = set()
