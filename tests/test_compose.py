@@ -146,6 +146,8 @@ def free_port() -> int:
 def adapt_nginx_conf(conf: str, prefix: Path, listen: int, upstreams: dict[str, int]) -> str:
     """The compose nginx.conf, runnable here: loopback ports, files under ``prefix``."""
     conf = re.sub(r"^pid\s+\S+;", f"pid {prefix}/nginx.pid;", conf, flags=re.M)
+    # In the foreground, so the test's Popen handle is nginx's master and terminate() stops it.
+    conf = "daemon off;\n" + conf
     conf = re.sub(r"access_log\s+/dev/stdout;", f"access_log {prefix}/access.log;", conf)
     conf = re.sub(r"listen\s+80;", f"listen 127.0.0.1:{listen};", conf)
     temp = "".join(
