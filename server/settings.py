@@ -35,7 +35,7 @@ class Settings(BaseSettings):
     max_batch_size: int = Field(default=64, ge=1, le=4096)
     """Default largest batch (texts) one session.run receives; models.yaml may override."""
     max_wait_ms: float = Field(default=2.0, ge=0, le=1000)
-    """Default longest time a batch waits to fill once the model is idle."""
+    """Default longest time a partial batch waits for more texts (from its oldest request)."""
     max_queue: int = Field(default=4096, ge=1)
     """Default bound on queued texts per model version; beyond it: 503 + Retry-After."""
 
