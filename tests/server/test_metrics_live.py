@@ -16,6 +16,7 @@ import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
 from server import __version__
+from server.metrics import RequestRecord
 from server.registry import VersionState
 from tests.server.conftest import BROKEN, LiveServer, free_port
 
@@ -173,6 +174,22 @@ def test_errors_are_counted_with_their_status(client: httpx.Client) -> None:
     assert value(after, "textserve_texts_total", model="pos", version=version) == value(
         before, "textserve_texts_total", model="pos", version=version
     )
+
+
+def test_request_record_labels() -> None:
+    """How a request's record turns into labels (the data plane fills it, see dataplane.py)."""
+    single = RequestRecord()
+    single.resolved("pos", "1")
+    single.classified("pos", "2", 3)  # followed a hot reload from version 1 to 2
+    assert single.models == {("pos", "2"): 3}
+    many = RequestRecord()
+    for name in ("pos", "verb-topic"):
+        many.resolved(name, "2")
+        many.classified(name, "2", 2)
+    assert many.models == {("pos", "2"): 2, ("verb-topic", "2"): 2}
+    unready = RequestRecord()
+    unready.resolved(BROKEN, "")
+    assert unready.models == {(BROKEN, ""): 0}
 
 
 def test_model_gauges_and_build_info(client: httpx.Client, live_server: LiveServer) -> None:
