@@ -65,7 +65,7 @@ def check_content_type(request: Request, also: frozenset[str] = frozenset()) -> 
 async def read_body(request: Request, limit: int) -> bytes:
     """The raw body; 413 as soon as it exceeds ``limit`` bytes (Content-Length or streamed)."""
     declared = request.headers.get("content-length")
-    if declared is not None and declared.isdigit() and int(declared) > limit:
+    if declared is not None and declared.isascii() and declared.isdigit() and int(declared) > limit:
         raise PayloadTooLarge(f"request body of {declared} bytes; the limit is {limit}")
     chunks: list[bytes] = []
     size = 0

@@ -84,9 +84,10 @@ def _params(value: Any, where: str) -> dict[str, Any]:
 def _split(body: bytes, header_length: str | None) -> tuple[bytes | memoryview, memoryview]:
     if header_length is None:
         return body, memoryview(b"")
-    if not header_length.strip().isdigit():
+    text = header_length.strip()
+    if not (text.isascii() and text.isdigit() and len(text) <= 18):  # not "²", not 10**5000
         raise BadRequest(f"{HEADER_LENGTH} must be a non-negative integer")
-    n = int(header_length)
+    n = int(text)
     if n == 0 or n > len(body):
         raise BadRequest(f"{HEADER_LENGTH} {n} does not fit a body of {len(body)} bytes")
     view = memoryview(body)

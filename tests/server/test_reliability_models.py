@@ -183,7 +183,7 @@ def hostile(
 ) -> Iterator[tuple[LiveServer, dict[str, str]]]:
     root = tmp_path_factory.mktemp("hostile")
     repo, reasons = build_hostile_repo(small_repo, root)
-    settings = Settings(_env_file=None, repo=repo, admin_token=TOKEN)  # type: ignore[call-arg]
+    settings = Settings(_env_file=None, repo=repo, admin_token=TOKEN)
     with run_server(settings) as live:
         yield live, reasons
 
