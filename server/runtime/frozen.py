@@ -1,4 +1,4 @@
-"""Formats ``frozen`` and ``frozen-selfcontained``: a frozen GraphDef (``model.pb``).
+"""Formats ``frozen``, ``frozen-selfcontained`` and ``imported``: a frozen GraphDef (``model.pb``).
 
 ``frozen``: the graph was exported with ``embedding/lookup`` as a placeholder; rows come from the
 shared embedding artifact.
@@ -9,6 +9,17 @@ the same bytes are already loaded (the demo embedding, another version of the mo
 graph's copy is dropped. When the registry passes an embedding directory (the model's
 embedding, or an override such as an int8 copy) that artifact is used instead of the cut
 matrix, after checking the cut matrix is the one the artifact was made from.
+
+``imported`` (``textserve import-graph``): a frozen GraphDef made elsewhere, loaded like a
+self-contained one. Such graphs (e.g. the widely copied TF1 TextCNN) differ from textserve's own
+in ways model.json records, and the runtime honours:
+
+* ``tensors.input_ids`` / ``tensors.output`` / ``tensors.dropout``: their own names; the dropout
+  placeholder usually has no default, so 1.0 is fed.
+* ``tokenizer.fixed_len``: the input placeholder has a fixed length; every batch is padded or
+  truncated to it.
+* ``apply_softmax``: the graph outputs logits (``output/scores``); softmax is applied in numpy.
+* ``tensors.embedded``: the lookup to cut (None: the single Gather of a 2-D float32 constant).
 
 Either way the session never sees a large constant, so its first run is as fast as any other
 (importing the seed's graph naively costs ~13-18 s and +1.5 GiB on the first run).

@@ -25,6 +25,9 @@ from server.errors import ArtifactError
 from server.runtime.base import Runtime
 from server.text import Tokenizer, Vocabulary
 
+_SHARED_FORMATS = (ModelFormat.STRIPPED, ModelFormat.FROZEN)
+"""Formats whose graph feeds on rows of a shared embedding artifact (``embedding_dir``)."""
+
 
 def _vocabulary(version_dir: Path, manifest: ModelManifest, embedding_dir: Path | None) -> Path:
     if manifest.vocab is not None:
@@ -38,7 +41,7 @@ def _embedding_manifest(
     version_dir: Path, manifest: ModelManifest, embedding_dir: Path | None
 ) -> EmbeddingManifest | None:
     if embedding_dir is None:
-        if manifest.format in (ModelFormat.STRIPPED, ModelFormat.FROZEN):
+        if manifest.format in _SHARED_FORMATS:
             raise ArtifactError(
                 f"{version_dir}: format {manifest.format.value} reads a shared embedding, "
                 "but none was given"
@@ -51,7 +54,7 @@ def _embedding_manifest(
             f"(sha256 {manifest.embedding.sha256[:12]}…), but {embedding_dir} holds "
             f"{emb.name!r} (sha256 {emb.sha256[:12]}…), not made from it"
         )
-    if manifest.embedding is None and manifest.format in (ModelFormat.STRIPPED, ModelFormat.FROZEN):
+    if manifest.embedding is None and manifest.format in _SHARED_FORMATS:
         raise ArtifactError(f"{version_dir}/model.json: 'embedding' is required for this format")
     return emb
 
@@ -72,24 +75,15 @@ def load_runtime(
     tokenizer = Tokenizer(vocab, manifest.tokenizer)
 
     fmt = manifest.format
-    if fmt in (ModelFormat.STRIPPED, ModelFormat.FROZEN):
+    if fmt in _SHARED_FORMATS:
         assert embedding_dir is not None
         embedding = store.acquire(embedding_dir)
         if fmt is ModelFormat.STRIPPED:
-            from server.runtime.stripped import load_stripped
+            from server.runtime.stripped import load_stripped as load_shared
+        else:
+            from server.runtime.frozen import load_frozen as load_shared
 
-            return load_stripped(
-                version_dir,
-                manifest,
-                tokenizer=tokenizer,
-                store=store,
-                embedding=embedding,
-                intra_op_threads=intra_op_threads,
-                inter_op_threads=inter_op_threads,
-            )
-        from server.runtime.frozen import load_frozen
-
-        return load_frozen(
+        return load_shared(
             version_dir,
             manifest,
             tokenizer=tokenizer,
@@ -98,23 +92,10 @@ def load_runtime(
             intra_op_threads=intra_op_threads,
             inter_op_threads=inter_op_threads,
         )
-    if fmt is ModelFormat.FROZEN_SELFCONTAINED:
+    if fmt in (ModelFormat.FROZEN_SELFCONTAINED, ModelFormat.IMPORTED):
         from server.runtime.frozen import load_selfcontained
 
         return load_selfcontained(
-            version_dir,
-            manifest,
-            tokenizer=tokenizer,
-            store=store,
-            embedding_dir=embedding_dir,
-            embedding_manifest=emb_manifest,
-            intra_op_threads=intra_op_threads,
-            inter_op_threads=inter_op_threads,
-        )
-    if fmt is ModelFormat.IMPORTED:
-        from server.runtime.imported import load_imported
-
-        return load_imported(
             version_dir,
             manifest,
             tokenizer=tokenizer,
