@@ -41,7 +41,7 @@ from server.graph_surgery import (
     require_nodes,
     tensor_name,
 )
-from server.runtime.session_runtime import SessionRuntime, new_session
+from server.runtime.session_runtime import SessionRuntime, new_session, released_on_error
 from server.text import Tokenizer
 
 MODEL_PB = "model.pb"
@@ -78,15 +78,12 @@ def build_graph_runtime(
     inter_op_threads: int,
 ) -> SessionRuntime:
     """Session runtime over an embedding-external ``graph_def``; owns ``embedding``'s reference."""
-    try:
+    with released_on_error(store, embedding):
         tensors = manifest.tensors
         own = constant_bytes(graph_def)
         dropout = tensors.dropout if _has_node(graph_def, tensors.dropout) else None
         graph = _import(graph_def, where)
         session = new_session(graph, intra_op_threads, inter_op_threads)
-    except BaseException:
-        store.release(embedding)
-        raise
     return SessionRuntime(
         manifest=manifest,
         tokenizer=tokenizer,
@@ -115,7 +112,7 @@ def load_frozen(
 ) -> SessionRuntime:
     """Format ``frozen``: the graph feeds on ``tensors.embedded``; takes ``embedding``'s ref."""
     path = Path(version_dir) / MODEL_PB
-    try:
+    with released_on_error(store, embedding):
         embedded = manifest.tensors.embedded
         if embedded is None:
             raise ArtifactError(f"{version_dir}/model.json: tensors.embedded is required")
@@ -123,9 +120,6 @@ def load_frozen(
         require_nodes(
             graph_def, [manifest.tensors.input_ids, embedded, manifest.tensors.output], str(path)
         )
-    except BaseException:
-        store.release(embedding)
-        raise
     return build_graph_runtime(
         graph_def,
         manifest,

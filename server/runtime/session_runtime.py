@@ -15,6 +15,8 @@ request.
 from __future__ import annotations
 
 import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import numpy as np
@@ -46,6 +48,19 @@ def new_session(graph: Graph, intra_op_threads: int, inter_op_threads: int) -> S
         allow_soft_placement=True,
     )
     return tf.compat.v1.Session(graph=graph, config=config)
+
+
+@contextmanager
+def released_on_error(store: EmbeddingStore, embedding: SharedEmbedding) -> Iterator[None]:
+    """Give ``embedding``'s store reference back if the block raises.
+
+    For a loader that holds the reference until it hands it to a :class:`SessionRuntime`.
+    """
+    try:
+        yield
+    except BaseException:
+        store.release(embedding)
+        raise
 
 
 def fit_length(ids: IdArray, *, fixed: int | None, minimum: int) -> IdArray:

@@ -13,7 +13,7 @@ from pathlib import Path
 from server.artifact import ModelManifest
 from server.embeddings import EmbeddingStore, SharedEmbedding
 from server.errors import ArtifactError
-from server.runtime.session_runtime import SessionRuntime, new_session
+from server.runtime.session_runtime import SessionRuntime, new_session, released_on_error
 from server.text import Tokenizer
 
 CHECKPOINT_PREFIX = "model.ckpt"
@@ -47,7 +47,7 @@ def load_stripped(
 
     from server.graph import build_cnn
 
-    try:
+    with released_on_error(store, embedding):
         spec = manifest.architecture
         if spec is None:
             raise ArtifactError(
@@ -83,22 +83,17 @@ def load_stripped(
             saver = tf.compat.v1.train.Saver(var_list=variables, allow_empty=False)
         own_bytes = sum(v.shape.num_elements() * v.dtype.size for v in variables.values())
         session = new_session(graph, intra_op_threads, inter_op_threads)
-    except BaseException:
-        store.release(embedding)
-        raise
-    try:
-        with graph.as_default():  # Saver.restore must not see eager mode
-            saver.restore(session, str(prefix))
-    except (tf.errors.OpError, ValueError) as exc:
-        session.close()
-        store.release(embedding)
-        raise ArtifactError(
-            f"{prefix}: cannot restore checkpoint: {_first_line(str(exc))}"
-        ) from exc
-    except BaseException:
-        session.close()
-        store.release(embedding)
-        raise
+        try:
+            with graph.as_default():  # Saver.restore must not see eager mode
+                saver.restore(session, str(prefix))
+        except (tf.errors.OpError, ValueError) as exc:
+            session.close()
+            raise ArtifactError(
+                f"{prefix}: cannot restore checkpoint: {_first_line(str(exc))}"
+            ) from exc
+        except BaseException:
+            session.close()
+            raise
     graph.finalize()
     dropout = manifest.tensors.dropout
     return SessionRuntime(
