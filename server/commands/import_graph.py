@@ -178,15 +178,15 @@ def _node(graph_def: Any, option: str, name: str, graph: Path) -> Any:
     return node
 
 
-def _output_width(graph_def: Any, plan: _Plan, length: int) -> int:
+def _output_width(graph_def: Any, plan: _Plan, length: int, where: Path) -> int:
     """Run the cut graph once on zeros: the output must be [batch, classes]."""
     import tensorflow as tf
 
+    from server.runtime.frozen import import_graph
+
     keep = [plan.input, plan.output] + ([plan.dropout] if plan.dropout else [])
     cut = cut_embedding(graph_def, keep, plan.site.cut)
-    graph = tf.Graph()
-    with graph.as_default():
-        tf.compat.v1.import_graph_def(cut.graph_def, name="")
+    graph = import_graph(cut.graph_def, where)
     feeds: dict[str, Any] = {
         tensor_name(plan.input): np.zeros((2, length), np.int32),
         cut.placeholder: np.zeros((2, length, plan.site.dim), np.float32),
@@ -337,7 +337,7 @@ def run(args: argparse.Namespace) -> int:
     if args.min_len < 1:
         raise UsageError("--min-len must be positive")
     length = plan.fixed_len or max(32, args.min_len)
-    width = _output_width(read_graph_def(graph_path), plan, length)
+    width = _output_width(read_graph_def(graph_path), plan, length, graph_path)
     if width != len(labels):
         raise ArtifactError(
             f"{len(labels)} labels given, but {plan.output!r} has {width} values per text"

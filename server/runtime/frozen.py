@@ -47,7 +47,8 @@ from server.text import Tokenizer
 MODEL_PB = "model.pb"
 
 
-def _import(graph_def: Any, where: Path) -> Any:
+def import_graph(graph_def: Any, where: Path) -> Any:
+    """A finalized ``tf.Graph`` of ``graph_def``; one TensorFlow refuses is an ArtifactError."""
     import tensorflow as tf
 
     graph = tf.Graph()
@@ -82,7 +83,7 @@ def build_graph_runtime(
         tensors = manifest.tensors
         own = constant_bytes(graph_def)
         dropout = tensors.dropout if _has_node(graph_def, tensors.dropout) else None
-        graph = _import(graph_def, where)
+        graph = import_graph(graph_def, where)
         session = new_session(graph, intra_op_threads, inter_op_threads)
     return SessionRuntime(
         manifest=manifest,

@@ -402,6 +402,40 @@ def test_vocab_larger_than_embedding_and_corrupt_graph(
     assert "not a valid binary GraphDef" in capsys.readouterr().err
 
 
+def test_graph_tensorflow_cannot_import_is_one_line(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A GraphDef that parses but that TensorFlow refuses to import (a MatMul without its
+    ``T`` attr) is an error line, not a traceback."""
+    import tensorflow as tf
+
+    v1 = tf.compat.v1
+    graph = tf.Graph()
+    with graph.as_default():
+        ids = v1.placeholder(tf.int32, [None, 5], name="input_x")
+        table = tf.constant(np.ones((10, 4), np.float32), name="embedding/W")
+        pooled = tf.reduce_mean(tf.gather(table, ids, name="embedding/lookup"), axis=1)
+        tf.matmul(pooled, tf.constant(np.ones((4, 3), np.float32)), name="output/scores")
+    graph_def = graph.as_graph_def()
+    del next(n for n in graph_def.node if n.name == "output/scores").attr["T"]
+    pb = tmp_path / "broken.pb"
+    pb.write_bytes(graph_def.SerializeToString())
+    vocab = tmp_path / "vocab.txt"
+    vocab.write_text("\n".join(f"w{i}" for i in range(8)) + "\n", encoding="utf-8")
+    repo = tmp_path / "repo"
+    code = main(
+        [
+            "import-graph", "--repo", str(repo), "--name", "x", "--graph", str(pb),
+            "--vocab", str(vocab), "--labels", "a,b,c",
+        ]
+    )  # fmt: skip
+    err = capsys.readouterr().err
+    assert code == 1
+    assert f"{pb}: cannot import the graph: NodeDef missing attr 'T'" in err
+    assert err.count("\n") == 1, err
+    assert not (repo / "models.yaml").exists()
+
+
 def test_cli_process_exit_status(original: Original, tmp_path: Path) -> None:
     """The real console command: one line on stderr, non-zero exit status."""
     textserve = Path(sys.executable).with_name("textserve")
