@@ -171,8 +171,8 @@ def _vocab_lines(path: Path) -> list[str]:
     return lines
 
 
-def _node(graph_def: Any, option: str, name: str, graph: Path) -> Any:
-    node = nodes_by_name(graph_def).get(node_name(name))
+def _node(nodes: dict[str, Any], option: str, name: str, graph: Path) -> Any:
+    node = nodes.get(node_name(name))
     if node is None:
         raise ArtifactError(f"{graph}: {option} node {node_name(name)!r} not found in the graph")
     return node
@@ -208,21 +208,22 @@ def _output_width(graph_def: Any, plan: _Plan, length: int, where: Path) -> int:
 
 
 def _plan(args: argparse.Namespace, graph_def: Any, graph_path: Path) -> _Plan:
-    input_node = _node(graph_def, "--input", args.input, graph_path)
+    nodes = nodes_by_name(graph_def)
+    input_node = _node(nodes, "--input", args.input, graph_path)
     if input_node.op != "Placeholder" or input_node.attr["dtype"].type not in _ID_DTYPES:
         raise ArtifactError(f"{graph_path}: --input {input_node.name!r} must be an int placeholder")
-    output_node = _node(graph_def, "--output", args.output, graph_path)
+    output_node = _node(nodes, "--output", args.output, graph_path)
+    dropout_node = (
+        _node(nodes, "--dropout", args.dropout, graph_path)
+        if args.dropout is not None
+        else nodes.get(DEFAULT_DROPOUT)
+    )
     dropout: str | None = None
-    if args.dropout is not None:
-        dropout_node = _node(graph_def, "--dropout", args.dropout, graph_path)
+    if dropout_node is not None:
         dropout = dropout_node.name
-    elif DEFAULT_DROPOUT in nodes_by_name(graph_def):
-        dropout = DEFAULT_DROPOUT
-    if dropout is not None:
-        node = nodes_by_name(graph_def)[dropout]
         if (
-            node.op not in ("Placeholder", "PlaceholderWithDefault")
-            or node.attr["dtype"].type != _FLOAT
+            dropout_node.op not in ("Placeholder", "PlaceholderWithDefault")
+            or dropout_node.attr["dtype"].type != _FLOAT
         ):
             raise ArtifactError(f"{graph_path}: dropout {dropout!r} must be a float32 placeholder")
     try:
