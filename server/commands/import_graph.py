@@ -179,13 +179,20 @@ def _node(nodes: dict[str, Any], option: str, name: str, graph: Path) -> Any:
 
 
 def _output_width(graph_def: Any, plan: _Plan, length: int, where: Path) -> int:
-    """Run the cut graph once on zeros: the output must be [batch, classes]."""
+    """Run the cut graph once on zeros: the output must be [batch, classes].
+
+    The cut is made on an in-memory copy (cut_embedding consumes its input); ``graph_def`` is
+    left as it was.
+    """
     import tensorflow as tf
 
     from server.runtime.frozen import import_graph
 
     keep = [plan.input, plan.output] + ([plan.dropout] if plan.dropout else [])
-    cut = cut_embedding(graph_def, keep, plan.site.cut)
+    scratch = type(graph_def)()
+    scratch.CopyFrom(graph_def)
+    cut = cut_embedding(scratch, keep, plan.site.cut)
+    del scratch
     graph = import_graph(cut.graph_def, where)
     feeds: dict[str, Any] = {
         tensor_name(plan.input): np.zeros((2, length), np.int32),
@@ -338,7 +345,7 @@ def run(args: argparse.Namespace) -> int:
     if args.min_len < 1:
         raise UsageError("--min-len must be positive")
     length = plan.fixed_len or max(32, args.min_len)
-    width = _output_width(read_graph_def(graph_path), plan, length, graph_path)
+    width = _output_width(graph_def, plan, length, graph_path)
     if width != len(labels):
         raise ArtifactError(
             f"{len(labels)} labels given, but {plan.output!r} has {width} values per text"
