@@ -90,16 +90,22 @@ def prepare_version_dir(path: Path, force: bool = False) -> Path:
     return path
 
 
-def _manifest(
+def _exported(
     model: TrainedModel,
     name: str,
     version: int,
     fmt: ModelFormat,
     version_dir: Path,
     *,
-    shared_embedding: bool = True,
-    vocab: str | None = None,
-) -> ModelManifest:
+    self_contained: bool = False,
+) -> Exported:
+    """Write ``model.json`` for the files now in ``version_dir``.
+
+    ``self_contained``: the embedding is inside the export, so the model's own ``vocab.txt`` is
+    written beside it and model.json names no shared embedding.
+    """
+    if self_contained:
+        model.embedding.vocab.save(version_dir / VOCAB_TXT)
     manifest = ModelManifest(
         name=name,
         version=version,
@@ -108,15 +114,15 @@ def _manifest(
         tokenizer=model.tokenizer,
         architecture=model.spec,
         tensors=TensorNames(),
-        embedding=model.embedding_ref if shared_embedding else None,
-        vocab=vocab,
+        embedding=None if self_contained else model.embedding_ref,
+        vocab=VOCAB_TXT if self_contained else None,
         files=dir_files(version_dir),
         metrics=dict(model.metrics),
         created_at=datetime.now(UTC).isoformat(timespec="seconds"),
         textserve_version=__version__,
     )
     write_model_manifest(version_dir, manifest)
-    return manifest
+    return Exported(fmt, version_dir, manifest)
 
 
 @contextmanager
@@ -160,8 +166,7 @@ def export_checkpoint(
     """The full default-Saver checkpoint, written from the live training session."""
     trainer.set_weights(model.weights)
     trainer.save_full_checkpoint(version_dir / CKPT_PREFIX)
-    m = _manifest(model, name, version, ModelFormat.CHECKPOINT, version_dir)
-    return Exported(ModelFormat.CHECKPOINT, version_dir, m)
+    return _exported(model, name, version, ModelFormat.CHECKPOINT, version_dir)
 
 
 def export_stripped(model: TrainedModel, version_dir: Path, name: str, version: int) -> Exported:
@@ -173,8 +178,7 @@ def export_stripped(model: TrainedModel, version_dir: Path, name: str, version: 
         saver.save(
             session, str(version_dir / CKPT_PREFIX), write_meta_graph=False, write_state=False
         )
-    m = _manifest(model, name, version, ModelFormat.STRIPPED, version_dir)
-    return Exported(ModelFormat.STRIPPED, version_dir, m)
+    return _exported(model, name, version, ModelFormat.STRIPPED, version_dir)
 
 
 def _freeze(session: Any) -> bytes:
@@ -192,8 +196,7 @@ def export_frozen(model: TrainedModel, version_dir: Path, name: str, version: in
     """Embedding-external frozen GraphDef: feed ``input_x`` and ``embedding/lookup``."""
     with inference_session(model, with_embedding=False) as (session, _):
         (version_dir / FROZEN_PB).write_bytes(_freeze(session))
-    m = _manifest(model, name, version, ModelFormat.FROZEN, version_dir)
-    return Exported(ModelFormat.FROZEN, version_dir, m)
+    return _exported(model, name, version, ModelFormat.FROZEN, version_dir)
 
 
 def export_frozen_selfcontained(
@@ -202,17 +205,9 @@ def export_frozen_selfcontained(
     """The seed's way: embedding frozen inside the GraphDef, with the model's own vocab.txt."""
     with inference_session(model, with_embedding=True) as (session, _):
         (version_dir / FROZEN_PB).write_bytes(_freeze(session))
-    model.embedding.vocab.save(version_dir / VOCAB_TXT)
-    m = _manifest(
-        model,
-        name,
-        version,
-        ModelFormat.FROZEN_SELFCONTAINED,
-        version_dir,
-        shared_embedding=False,
-        vocab=VOCAB_TXT,
+    return _exported(
+        model, name, version, ModelFormat.FROZEN_SELFCONTAINED, version_dir, self_contained=True
     )
-    return Exported(ModelFormat.FROZEN_SELFCONTAINED, version_dir, m)
 
 
 def export_savedmodel(model: TrainedModel, version_dir: Path, name: str, version: int) -> Exported:
@@ -237,17 +232,7 @@ def export_savedmodel(model: TrainedModel, version_dir: Path, name: str, version
             builder.save()
         for p in out.iterdir():
             shutil.move(str(p), version_dir / p.name)
-    model.embedding.vocab.save(version_dir / VOCAB_TXT)
-    m = _manifest(
-        model,
-        name,
-        version,
-        ModelFormat.SAVEDMODEL,
-        version_dir,
-        shared_embedding=False,
-        vocab=VOCAB_TXT,
-    )
-    return Exported(ModelFormat.SAVEDMODEL, version_dir, m)
+    return _exported(model, name, version, ModelFormat.SAVEDMODEL, version_dir, self_contained=True)
 
 
 _EXPORTERS = {
