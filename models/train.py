@@ -247,14 +247,13 @@ class Trainer:
         val_x = self.encode(dataset.validation.texts)
         tg = self.tg
         n = len(train_x)
-        pool = cfg.batch_size * BUCKET_BATCHES
-        steps = sum(-(-min(pool, n - s) // cfg.batch_size) for s in range(0, n, pool))
         best_acc, best_epoch, best_weights = -1.0, 0, self.weights()
         history: list[dict[str, float]] = []
         started = time.monotonic()
         lengths = np.array([len(e) for e in train_x])
         for epoch in range(1, cfg.epochs + 1):
             batches = length_bucketed_batches(lengths, cfg.batch_size, rng)
+            steps = len(batches)  # the same every epoch
             losses = []
             for step, idx in enumerate(batches):
                 ids = self.tokenizer.pad([train_x[i] for i in idx])

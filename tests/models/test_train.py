@@ -57,7 +57,11 @@ def test_training_learns(data: tuple[Dataset, EmbeddingArtifact]) -> None:
     config = TrainConfig(num_filters=16, epochs=4, threads=1, learning_rate=3e-3, patience=4)
     with Trainer(emb, ds.labels, config) as trainer:
         before = trainer.accuracy(trainer.encode(ds.validation.texts), ds.validation.y)
-        model = trainer.fit(ds)
+        calls: list[tuple[str, int, int]] = []
+        model = trainer.fit(ds, lambda what, done, total: calls.append((what, done, total)))
+    # One progress call per batch; every epoch ran, so the bar ends exactly full.
+    assert [done for _, done, _ in calls] == list(range(1, len(calls) + 1))
+    assert calls[-1] == ("epoch 4/4", len(calls), len(calls))
     losses = [h["loss"] for h in model.history]
     assert losses[-1] < losses[0]
     assert model.metrics["val_accuracy"] > max(before, 0.5)  # 4 classes; 'noun' is ~60%
