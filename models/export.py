@@ -41,7 +41,6 @@ from models.embeddings import EmbeddingArtifact, embedding_dir, write_embedding
 from models.train import TrainedModel, Trainer, session_config
 from server import __version__
 from server.artifact import (
-    MODEL_JSON,
     VOCAB_TXT,
     ModelFormat,
     ModelManifest,
@@ -287,9 +286,3 @@ def save_tuned_embedding(model: TrainedModel, repo: Path, name: str) -> Embeddin
     model.embedding = art
     model.embedding_matrix = None
     return art
-
-
-def total_bytes(path: Path) -> int:
-    return sum(
-        p.stat().st_size for p in Path(path).rglob("*") if p.is_file() and p.name != MODEL_JSON
-    )

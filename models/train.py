@@ -82,9 +82,6 @@ class TrainedModel:
             self.embedding_matrix if self.embedding_matrix is not None else self.embedding.matrix()
         )
 
-    def tokenizer_for(self) -> Tokenizer:
-        return Tokenizer(self.embedding.vocab, self.tokenizer)
-
 
 Progress = Callable[[str, int, int], None]
 BUCKET_BATCHES = 32
@@ -154,8 +151,9 @@ class Trainer:
         self.session = tf.compat.v1.Session(
             graph=self.tg.graph, config=session_config(config.threads)
         )
-        self._matrix = embedding.matrix()
-        self.session.run(self.tg.init_op, self.tg.init_feed(np.ascontiguousarray(self._matrix)))
+        self.session.run(
+            self.tg.init_op, self.tg.init_feed(np.ascontiguousarray(embedding.matrix()))
+        )
         self._vars = {v.op.name: v for v in self.tg.model_variables()}
         with self.tg.graph.as_default():
             self._assign_ph = {
@@ -309,15 +307,3 @@ class Trainer:
         with self.tg.graph.as_default():
             saved: str = self._saver.save(self.session, str(prefix))
         return Path(saved)
-
-
-def train(
-    dataset: Dataset,
-    embedding: EmbeddingArtifact,
-    config: TrainConfig,
-    progress: Progress | None = None,
-    init_weights: Mapping[str, npt.NDArray[np.float32]] | None = None,
-) -> TrainedModel:
-    """Train and return the model (session closed)."""
-    with Trainer(embedding, dataset.labels, config, init_weights) as trainer:
-        return trainer.fit(dataset, progress)
