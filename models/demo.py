@@ -23,7 +23,7 @@ from __future__ import annotations
 import shutil
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from models.data import Dataset, load_wordnet
@@ -136,7 +136,7 @@ def build_demo(
     for name, ds in datasets.items():
         t0 = time.monotonic()
         base = QUICK_CONFIG if quick else FULL_CONFIG[name]
-        config = TrainConfig(**{**base.__dict__, "seed": seed})
+        config = replace(base, seed=seed)
         demo = DemoModel(name, ds)
         with Trainer(embedding, ds.labels, config) as trainer:
             if bars:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import re
 import shutil
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -31,6 +31,7 @@ from server.artifact import (
     RepositoryConfig,
     SpecificVersions,
     VersionPolicy,
+    dir_files,
     list_versions,
     load_model_manifest,
     load_repository_config,
@@ -178,13 +179,7 @@ def train_and_save(
                 f"{init_from} has {spec.num_classes} classes, dataset {dataset.name} has "
                 f"{len(dataset.labels)} labels"
             )
-        config = TrainConfig(
-            **{
-                **config.__dict__,
-                "filter_widths": spec.filter_widths,
-                "num_filters": spec.num_filters,
-            }
-        )
+        config = replace(config, filter_widths=spec.filter_widths, num_filters=spec.num_filters)
         init_weights = frozen.weights
         log(
             f"initialised from {init_from}: filter widths {spec.filter_widths}, "
@@ -291,10 +286,7 @@ def export_run(
         for p in run_dir.iterdir():
             if p.name.startswith(CKPT_PREFIX) or p.name == "checkpoint":
                 shutil.copy2(p, vdir / p.name)
-        m = manifest.model_copy(update={"name": name, "version": version, "files": {}})
-        from server.artifact import dir_files
-
-        m = m.model_copy(update={"files": dir_files(vdir)})
+        m = manifest.model_copy(update={"name": name, "version": version, "files": dir_files(vdir)})
         write_model_manifest(vdir, m)
         exports.append(Exported(ModelFormat.CHECKPOINT, vdir, m))
         log(f"{name} version {version}: checkpoint")
