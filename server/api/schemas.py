@@ -228,8 +228,8 @@ class V2InputTensor(BaseModel):
 
 
 class V2OutputParameters(BaseModel):
-    classification: int | SkipJsonSchema[None] = Field(
-        default=None, ge=1, description="Answer the top k classes as 'score:index:label'."
+    classification: Annotated[int, Field(ge=1)] | SkipJsonSchema[None] = Field(
+        default=None, description="Answer the top k classes as 'score:index:label'."
     )
     binary_data: bool = Field(default=False, description="Answer as binary tensor data.")
 
@@ -367,6 +367,17 @@ ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
     503: {"model": ErrorResponse, "description": "Model not ready, or queue full."},
 }
 """Documented error answers of the inference routes (all ``{"error": "..."}``)."""
+
+V2_INFER_RESPONSES: dict[int | str, dict[str, Any]] = {
+    200: {
+        "description": "The inference response: JSON, or with Triton's binary tensor data "
+        "extension (``binary_data_output``/``binary_data``) a JSON header of "
+        "``Inference-Header-Content-Length`` bytes followed by the raw tensor.",
+        "content": {"application/octet-stream": {"schema": {"type": "string", "format": "binary"}}},
+    },
+    **ERROR_RESPONSES,
+}
+"""The V2 infer routes also answer ``application/octet-stream`` (binary tensor data)."""
 
 
 # ---------------------------------------------------------------------------------------------

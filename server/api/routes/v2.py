@@ -23,7 +23,7 @@ from server.api.body import OCTET_STREAM, check_content_type, json_response, rea
 from server.api.deadline import request_deadline
 from server.api.paths import V2_MODEL, V2_MODEL_VERSION
 from server.api.schemas import (
-    ERROR_RESPONSES,
+    V2_INFER_RESPONSES,
     ErrorResponse,
     V2InferRequest,
     V2InferResponse,
@@ -131,7 +131,7 @@ def router(plane: DataPlane) -> APIRouter:
         f"{V2_MODEL}/infer",
         summary="Inference with the newest READY version",
         response_model=V2InferResponse,
-        responses=ERROR_RESPONSES,
+        responses=V2_INFER_RESPONSES,
         openapi_extra=request_body(V2InferRequest),
     )
     async def infer(name: str, request: Request) -> Response:
@@ -141,7 +141,7 @@ def router(plane: DataPlane) -> APIRouter:
         f"{V2_MODEL_VERSION}/infer",
         summary="Inference with one version",
         response_model=V2InferResponse,
-        responses=ERROR_RESPONSES,
+        responses=V2_INFER_RESPONSES,
         openapi_extra=request_body(V2InferRequest),
     )
     async def infer_version(name: str, version: str, request: Request) -> Response:
