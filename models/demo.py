@@ -139,13 +139,7 @@ def build_demo(
         config = replace(base, seed=seed)
         demo = DemoModel(name, ds)
         with Trainer(embedding, ds.labels, config) as trainer:
-            if bars:
-                from models.progress import training_bar
-
-                with training_bar(name) as bar:
-                    model = trainer.fit(ds, bar)
-            else:
-                model = trainer.fit(ds)
+            model = trainer.fit_with_bar(ds, name) if bars else trainer.fit(ds)
         for version, fmt in DEMO_VERSIONS.items():
             demo.exports.append(export(model, fmt, repo / name / str(version), name, version))
         if quick and name == "noun-topic":

@@ -301,6 +301,13 @@ class Trainer:
             history=history,
         )
 
+    def fit_with_bar(self, dataset: Dataset, label: str) -> TrainedModel:
+        """:meth:`fit` driving a progress bar labelled ``label`` (on stderr, if a terminal)."""
+        from models.progress import training_bar
+
+        with training_bar(label) as bar:
+            return self.fit(dataset, bar)
+
     def save_full_checkpoint(self, prefix: Path) -> Path:
         """The full checkpoint exactly as ``tf.compat.v1.train.Saver()`` writes it by default:
         every global variable (embedding, Adam slots, step) plus the ``.meta`` graph."""

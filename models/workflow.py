@@ -190,10 +190,7 @@ def train_and_save(
             acc = trainer.accuracy(trainer.encode(dataset.validation.texts), dataset.validation.y)
             log(f"validation accuracy before training: {acc:.4f}")
         if progress:
-            from models.progress import training_bar
-
-            with training_bar(name or dataset.name) as bar:
-                model = trainer.fit(dataset, bar)
+            model = trainer.fit_with_bar(dataset, name or dataset.name)
         else:
             model = trainer.fit(dataset)
         result = TrainResult(model)
