@@ -14,6 +14,9 @@ sampler thread runs for the lifespan.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import gc
 import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -24,11 +27,14 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.openapi.utils import get_openapi
 from prometheus_client import CollectorRegistry
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
 from starlette.responses import Response
 
 from server import __version__
 from server.api.body import json_response
-from server.api.paths import MODEL, MODEL_VERSION
+from server.api.disconnect import ClientDisconnected, client_disconnected
+from server.api.fastpath import FastPath
+from server.api.paths import MODEL, MODEL_VERSION, V2_MODEL, V2_MODEL_VERSION
 from server.api.routes import admin, memory, metrics, native, tfserving, v2
 from server.api.schemas import ErrorResponse, openapi_components
 from server.dataplane import DataPlane
@@ -90,6 +96,16 @@ def _document_400_not_422(schema: dict[str, Any]) -> None:
     schemas.setdefault("ErrorResponse", ErrorResponse.model_json_schema())
 
 
+async def _freeze_after_load(registry: Registry) -> None:
+    """Once the first load pass is done, move every object alive (TensorFlow's Python side,
+    vocabularies) out of the garbage collector's sight: a full collection over them took
+    tens to hundreds of milliseconds and showed as the p99 of small requests."""
+    with contextlib.suppress(Exception):
+        await registry.wait_loaded()
+    gc.collect()
+    gc.freeze()
+
+
 def create_app(settings: Settings) -> FastAPI:
     prometheus = Metrics(CollectorRegistry())
     monitor = MemoryMonitor(settings.memory_sample_interval_s)
@@ -108,9 +124,11 @@ def create_app(settings: Settings) -> FastAPI:
         monitor.start()
         try:
             await registry.start()
+            freeze = asyncio.ensure_future(_freeze_after_load(registry))
             try:
                 yield
             finally:
+                freeze.cancel()
                 await registry.close(settings.drain_timeout_s)
         finally:
             monitor.stop()
@@ -126,10 +144,31 @@ def create_app(settings: Settings) -> FastAPI:
     app.state.dataplane = plane
     app.state.metrics = prometheus
     app.state.memory = monitor
+    # Innermost first: the fast path runs inside the request metrics (and any later middleware).
+    classify, predict, infer = (
+        native.classify_handler(plane),
+        tfserving.predict_handler(plane),
+        v2.infer_handler(plane),
+    )
+    app.add_middleware(
+        FastPath,
+        routes=app.router.routes,
+        handlers={
+            f"{MODEL}:classify": classify,
+            f"{MODEL_VERSION}:classify": classify,
+            f"{MODEL}:predict": predict,
+            f"{MODEL_VERSION}:predict": predict,
+            f"{V2_MODEL}/infer": infer,
+            f"{V2_MODEL_VERSION}/infer": infer,
+        },
+        exception_handlers=app.exception_handlers,
+    )
     app.add_middleware(
         metrics.RequestMetricsMiddleware, metrics=prometheus, known_model=known_model
     )
     app.add_exception_handler(TextserveError, _textserve_error)
+    app.add_exception_handler(ClientDisconnected, client_disconnected)
+    app.add_exception_handler(ClientDisconnect, client_disconnected)  # gone while sending
     app.add_exception_handler(StarletteHTTPException, _http_error)
     app.add_exception_handler(RequestValidationError, _validation_error)
     app.add_exception_handler(Exception, _unexpected)

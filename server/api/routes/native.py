@@ -13,12 +13,15 @@
 
 from __future__ import annotations
 
+from collections.abc import Awaitable, Callable
+
 from fastapi import APIRouter, Request
 from starlette.responses import Response
 
 from server.api import describe
 from server.api.body import json_response, read_json_object
 from server.api.deadline import request_deadline
+from server.api.disconnect import unless_disconnected
 from server.api.paths import MODEL, MODEL_VERSION
 from server.api.schemas import (
     ERROR_RESPONSES,
@@ -35,17 +38,22 @@ from server.api.schemas import (
 )
 from server.dataplane import DataPlane, labelled_results
 
+Handler = Callable[[str, str | None, Request], Awaitable[Response]]
+"""``(model name, version or None, request) -> response`` of a per-model inference route."""
 
-def router(plane: DataPlane) -> APIRouter:
-    api = APIRouter(tags=["native"])
+
+def classify_handler(plane: DataPlane) -> Handler:
+    """``:classify``'s work, shared by the FastAPI route and the fast path
+    (:mod:`server.api.fastpath`)."""
     limit = plane.settings.max_body_bytes
-    registry = plane.registry
 
-    async def _classify(name: str, version: str | None, request: Request) -> Response:
+    async def classify(name: str, version: str | None, request: Request) -> Response:
         deadline = request_deadline(request)
         mv = plane.resolve(name, version)
         texts, top_k = parse_classify(await read_json_object(request, limit), plane)
-        answer = await plane.classify(mv, texts, deadline=deadline, follow=version is None)
+        answer = await unless_disconnected(
+            request.receive, plane.classify(mv, texts, deadline=deadline, follow=version is None)
+        )
         mv = answer.model
         return json_response(
             {
@@ -54,6 +62,15 @@ def router(plane: DataPlane) -> APIRouter:
                 "results": labelled_results(answer.probs, mv.labels, plane.cap_top_k(top_k, mv)),
             }
         )
+
+    return classify
+
+
+def router(plane: DataPlane) -> APIRouter:
+    api = APIRouter(tags=["native"])
+    limit = plane.settings.max_body_bytes
+    registry = plane.registry
+    _classify = classify_handler(plane)
 
     @api.post(
         f"{MODEL}:classify",
@@ -85,7 +102,9 @@ def router(plane: DataPlane) -> APIRouter:
     async def classify_many(request: Request) -> Response:
         deadline = request_deadline(request)
         texts, models, top_k = parse_multi_classify(await read_json_object(request, limit), plane)
-        answers = await plane.classify_many(texts, models, deadline=deadline)
+        answers = await unless_disconnected(
+            request.receive, plane.classify_many(texts, models, deadline=deadline)
+        )
         return json_response(
             {
                 "models": [a.model.name for a in answers],

@@ -23,7 +23,9 @@ from starlette.responses import Response
 from server.api import describe
 from server.api.body import FORM, json_response, read_json_object
 from server.api.deadline import request_deadline
+from server.api.disconnect import unless_disconnected
 from server.api.paths import MODEL, MODEL_VERSION
+from server.api.routes.native import Handler
 from server.api.schemas import (
     ERROR_RESPONSES,
     ErrorResponse,
@@ -40,18 +42,27 @@ from server.errors import VersionNotFound
 _ALSO = frozenset({FORM})
 
 
-def router(plane: DataPlane) -> APIRouter:
-    api = APIRouter(tags=["tensorflow-serving"])
+def predict_handler(plane: DataPlane) -> Handler:
+    """``:predict``'s work, shared by the FastAPI route and the fast path."""
     limit = plane.settings.max_body_bytes
-    registry = plane.registry
 
-    async def _predict(name: str, version: str | None, request: Request) -> Response:
+    async def predict(name: str, version: str | None, request: Request) -> Response:
         deadline = request_deadline(request)
         mv = plane.resolve(name, version)
         texts, columnar = parse_predict(await read_json_object(request, limit, _ALSO), plane)
-        answer = await plane.classify(mv, texts, deadline=deadline, follow=version is None)
+        answer = await unless_disconnected(
+            request.receive, plane.classify(mv, texts, deadline=deadline, follow=version is None)
+        )
         key = "outputs" if columnar else "predictions"
         return json_response({key: np.ascontiguousarray(answer.probs)})
+
+    return predict
+
+
+def router(plane: DataPlane) -> APIRouter:
+    api = APIRouter(tags=["tensorflow-serving"])
+    registry = plane.registry
+    _predict = predict_handler(plane)
 
     @api.post(
         f"{MODEL}:predict",

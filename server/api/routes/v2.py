@@ -21,7 +21,9 @@ from starlette.responses import Response
 from server.api import describe
 from server.api.body import OCTET_STREAM, check_content_type, json_response, read_body
 from server.api.deadline import request_deadline
+from server.api.disconnect import unless_disconnected
 from server.api.paths import V2_MODEL, V2_MODEL_VERSION
+from server.api.routes.native import Handler
 from server.api.schemas import (
     V2_INFER_RESPONSES,
     ErrorResponse,
@@ -41,9 +43,32 @@ from server.errors import ModelNotReady
 _ALSO = frozenset({OCTET_STREAM})
 
 
+def infer_handler(plane: DataPlane) -> Handler:
+    """``/infer``'s work, shared by the FastAPI route and the fast path."""
+    limit = plane.settings.max_body_bytes
+
+    async def infer(name: str, version: str | None, request: Request) -> Response:
+        deadline = request_deadline(request)
+        mv = plane.resolve(name, version)
+        check_content_type(request, _ALSO)
+        body = await read_body(request, limit)
+        parsed = parse_infer(body, request.headers.get(HEADER_LENGTH), plane)
+        answer = await unless_disconnected(
+            request.receive,
+            plane.classify(mv, parsed.texts, deadline=deadline, follow=version is None),
+        )
+        mv = answer.model
+        content, headers = encode_infer_response(
+            parsed, mv.name, mv.version, mv.labels, answer.probs
+        )
+        media = OCTET_STREAM if headers else "application/json"
+        return Response(content, headers=headers, media_type=media)
+
+    return infer
+
+
 def router(plane: DataPlane) -> APIRouter:
     api = APIRouter(tags=["v2"])
-    limit = plane.settings.max_body_bytes
     registry = plane.registry
 
     @api.get("/v2/health/live", summary="Liveness", response_model=V2Live)
@@ -113,19 +138,7 @@ def router(plane: DataPlane) -> APIRouter:
     async def version_ready(name: str, version: str) -> Response:
         return _ready(name, version)
 
-    async def _infer(name: str, version: str | None, request: Request) -> Response:
-        deadline = request_deadline(request)
-        mv = plane.resolve(name, version)
-        check_content_type(request, _ALSO)
-        body = await read_body(request, limit)
-        infer = parse_infer(body, request.headers.get(HEADER_LENGTH), plane)
-        answer = await plane.classify(mv, infer.texts, deadline=deadline, follow=version is None)
-        mv = answer.model
-        content, headers = encode_infer_response(
-            infer, mv.name, mv.version, mv.labels, answer.probs
-        )
-        media = OCTET_STREAM if headers else "application/json"
-        return Response(content, headers=headers, media_type=media)
+    _infer = infer_handler(plane)
 
     @api.post(
         f"{V2_MODEL}/infer",
