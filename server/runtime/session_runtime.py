@@ -180,8 +180,7 @@ class SessionRuntime(Runtime):
                 f"{self.manifest.name} v{self.manifest.version}: the graph outputs "
                 f"{probs.shape[1:]} values per text but model.json has {len(self.labels)} labels"
             )
-        batch, length = WARMUP_SHAPE
-        self.predict(np.zeros((batch, self._fixed_len or max(length, self._min_len)), np.int32))
+        self.predict(np.zeros(WARMUP_SHAPE, np.int32))  # predict fits it to fixed_len/min_len
 
     # -- Runtime ------------------------------------------------------------------------------
 
