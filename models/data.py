@@ -110,7 +110,11 @@ class Dataset:
 
 def split_of(text: str) -> str:
     """``train`` / ``validation`` / ``test`` (80/10/10) from the sha1 of the text: never changes."""
-    bucket = int.from_bytes(hashlib.sha1(text.encode("utf-8")).digest()[:8], "big") % 100
+    return _split_of_digest(hashlib.sha1(text.encode("utf-8")).digest())
+
+
+def _split_of_digest(digest: bytes) -> str:
+    bucket = int.from_bytes(digest[:8], "big") % 100
     if bucket < 80:
         return "train"
     return "validation" if bucket < 90 else "test"
@@ -146,7 +150,7 @@ def build_dataset(
     parts: dict[str, list[tuple[bytes, str, int]]] = {s: [] for s in SPLITS}
     for text, label in kept.items():
         digest = hashlib.sha1(text.encode("utf-8")).digest()
-        parts[split_of(text)].append((digest, text, index[label]))
+        parts[_split_of_digest(digest)].append((digest, text, index[label]))
     splits = []
     for s in SPLITS:
         rows = sorted(parts[s])  # hash order: deterministic and label-shuffled
