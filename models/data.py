@@ -249,11 +249,13 @@ def load_jsonl(path: Path, text_field: str = "text", label_field: str = "label")
 
 
 def load_csv(path: Path, text_column: str = "text", label_column: str = "label") -> Dataset:
-    """A CSV file with a header row naming ``text_column`` and ``label_column``."""
+    """A CSV file (tab-separated if it is named ``*.tsv``) with a header row naming
+    ``text_column`` and ``label_column``."""
     path = Path(path)
     _require_file(path)
+    delimiter = "\t" if path.suffix.lower() == ".tsv" else ","
     with path.open(encoding="utf-8", newline="") as f:
-        reader = csv.DictReader(f)
+        reader = csv.DictReader(f, delimiter=delimiter)
         columns = reader.fieldnames or []
         for column in (text_column, label_column):
             if column not in columns:
@@ -270,7 +272,7 @@ def load_dataset(
     label_field: str = "label",
     examples: bool = False,
 ) -> Dataset:
-    """``wordnet:noun|verb|pos``, or a ``.jsonl``/``.json``/``.csv`` path."""
+    """``wordnet:noun|verb|pos``, or a ``.jsonl``/``.json``/``.ndjson``/``.csv``/``.tsv`` path."""
     if spec.startswith("wordnet:"):
         return load_wordnet(spec.removeprefix("wordnet:"), examples=examples)
     path = Path(spec)

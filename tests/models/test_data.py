@@ -124,6 +124,11 @@ def test_jsonl_and_csv(tmp_path: Path) -> None:
     ds2 = load_dataset(str(csv_path), text_field="body", label_field="cls")
     assert sum(ds2.counts().values()) == 40
     assert load_dataset(str(jl), "body", "cls").train.texts == ds.train.texts
+    tsv_path = tmp_path / "d.tsv"  # tab-separated: commas are part of the text
+    tsv_path.write_text("body\tcls\n" + "".join(f"{r['body']}, ok\t{r['cls']}\n" for r in rows))
+    ds3 = load_dataset(str(tsv_path), text_field="body", label_field="cls")
+    assert ds3.train.texts == ds2.train.texts
+    assert ds3.counts() == ds2.counts()
 
 
 def test_bad_input(tmp_path: Path) -> None:
