@@ -41,6 +41,7 @@ from models.embeddings import EmbeddingArtifact, embedding_dir, write_embedding
 from models.train import TrainedModel, Trainer, session_config
 from server import __version__
 from server.artifact import (
+    SHARED_EMBEDDING_FORMATS,
     VOCAB_TXT,
     ModelFormat,
     ModelManifest,
@@ -260,7 +261,7 @@ def export(
         return export_checkpoint(trainer, model, version_dir, name, version)
     if fmt not in _EXPORTERS:
         raise ArtifactError(f"cannot export format {fmt}")
-    if fmt in (ModelFormat.STRIPPED, ModelFormat.FROZEN) and model.embedding_matrix is not None:
+    if fmt in SHARED_EMBEDDING_FORMATS and model.embedding_matrix is not None:
         raise ArtifactError(
             "this model fine-tuned its embedding: write it with save_tuned_embedding() first"
         )

@@ -25,6 +25,7 @@ from server.artifact import (
     EMBEDDINGS_DIR,
     MODELS_YAML,
     SERVABLE_FORMATS,
+    SHARED_EMBEDDING_FORMATS,
     EmbeddingConfig,
     ModelConfig,
     ModelFormat,
@@ -125,7 +126,7 @@ def _export_into_repo(
     trainer: Trainer | None,
     log: Log,
 ) -> list[Exported]:
-    if any(f in (ModelFormat.STRIPPED, ModelFormat.FROZEN) for f in formats):
+    if any(f in SHARED_EMBEDDING_FORMATS for f in formats):
         if model.embedding_matrix is not None:
             art = save_tuned_embedding(model, repo, f"{name}-embedding")
             log(f"fine-tuned embedding written to {art.path}")

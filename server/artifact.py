@@ -85,6 +85,9 @@ SERVABLE_FORMATS = frozenset(
     }
 )
 
+SHARED_EMBEDDING_FORMATS = frozenset({ModelFormat.STRIPPED, ModelFormat.FROZEN})
+"""Formats whose graph has no embedding: rows of a shared embedding artifact are fed to it."""
+
 
 class EmbeddingDtype(StrEnum):
     FLOAT32 = "float32"

@@ -12,6 +12,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from server.artifact import (
+    SHARED_EMBEDDING_FORMATS,
     VOCAB_TXT,
     EmbeddingManifest,
     ModelFormat,
@@ -24,9 +25,6 @@ from server.embeddings import EmbeddingStore
 from server.errors import ArtifactError
 from server.runtime.base import Runtime
 from server.text import Tokenizer, Vocabulary
-
-_SHARED_FORMATS = (ModelFormat.STRIPPED, ModelFormat.FROZEN)
-"""Formats whose graph feeds on rows of a shared embedding artifact (``embedding_dir``)."""
 
 
 def _vocabulary(version_dir: Path, manifest: ModelManifest, embedding_dir: Path | None) -> Path:
@@ -41,7 +39,7 @@ def _embedding_manifest(
     version_dir: Path, manifest: ModelManifest, embedding_dir: Path | None
 ) -> EmbeddingManifest | None:
     if embedding_dir is None:
-        if manifest.format in _SHARED_FORMATS:
+        if manifest.format in SHARED_EMBEDDING_FORMATS:
             raise ArtifactError(
                 f"{version_dir}: format {manifest.format.value} reads a shared embedding, "
                 "but none was given"
@@ -54,7 +52,7 @@ def _embedding_manifest(
             f"(sha256 {manifest.embedding.sha256[:12]}…), but {embedding_dir} holds "
             f"{emb.name!r} (sha256 {emb.sha256[:12]}…), not made from it"
         )
-    if manifest.embedding is None and manifest.format in _SHARED_FORMATS:
+    if manifest.embedding is None and manifest.format in SHARED_EMBEDDING_FORMATS:
         raise ArtifactError(f"{version_dir}/model.json: 'embedding' is required for this format")
     return emb
 
@@ -75,7 +73,7 @@ def load_runtime(
     tokenizer = Tokenizer(vocab, manifest.tokenizer)
 
     fmt = manifest.format
-    if fmt in _SHARED_FORMATS:
+    if fmt in SHARED_EMBEDDING_FORMATS:
         assert embedding_dir is not None
         embedding = store.acquire(embedding_dir)
         if fmt is ModelFormat.STRIPPED:
