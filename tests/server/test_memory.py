@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import hashlib
 import threading
 import time
@@ -89,17 +90,24 @@ def test_process_memory_figures() -> None:
 def test_growth_is_measured_around_a_load() -> None:
     monitor = MemoryMonitor()
     kept: list[npt.NDArray[Any]] = []
-    with monitor.track("big", 1) as tracking:
-        kept.append(np.ones(64 * MiB, dtype=np.uint8))  # touched: 64 MiB resident, private
-        tracking.attach_figures(own_bytes=kept[0].nbytes, embedding_key=None)
+    gc.collect()  # earlier tests' garbage must not be freed inside the window
+    gc.disable()
+    try:
+        with monitor.track("big", 1) as tracking:
+            kept.append(np.ones(256 * MiB, dtype=np.uint8))  # touched: resident and private
+            tracking.attach_figures(own_bytes=kept[0].nbytes, embedding_key=None)
+    finally:
+        gc.enable()
     entry = monitor.get("big", 1)
     assert entry is not None
     assert entry.growth is not None
-    assert 60 * MiB <= entry.growth.rss <= 80 * MiB
-    assert 60 * MiB <= entry.growth.uss <= 80 * MiB
+    assert 240 * MiB <= entry.growth.rss <= 280 * MiB
+    # USS also moves when other processes map or unmap the libraries this one uses (on a shared
+    # machine, by tens of MiB), so only its order of magnitude is checked.
+    assert entry.growth.uss >= 128 * MiB
     assert entry.growth.seconds >= 0
-    assert entry.own_bytes == 64 * MiB
-    assert entry.attributed_bytes == 64 * MiB
+    assert entry.own_bytes == 256 * MiB
+    assert entry.attributed_bytes == 256 * MiB
     assert entry.kinds()["rss_growth"] == entry.growth.rss
     assert monitor.samples == 2  # before and after
     del kept
@@ -314,6 +322,7 @@ def test_real_runtimes_share_one_store_embedding(small_repo: Path) -> None:
     from server.embeddings import EmbeddingStore
     from server.runtime.loader import load_runtime
 
+    gc.collect()  # no earlier garbage freed while the first load is measured
     store = EmbeddingStore()
 
     def sizer(key: str) -> int | None:
