@@ -65,6 +65,7 @@ from server.graph_surgery import (
     cut_embedding,
     find_embedding,
     input_length,
+    matrix_of,
     node_name,
     nodes_by_name,
     read_graph_def,
@@ -186,14 +187,14 @@ def _output_width(graph_def: Any, plan: _Plan, length: int, where: Path) -> int:
     """
     import tensorflow as tf
 
-    from server.runtime.frozen import import_graph
+    from server.runtime.frozen import graph_of
 
     keep = [plan.input, plan.output] + ([plan.dropout] if plan.dropout else [])
     scratch = type(graph_def)()
     scratch.CopyFrom(graph_def)
     cut = cut_embedding(scratch, keep, plan.site.cut)
     del scratch
-    graph = import_graph(cut.graph_def, where)
+    graph = graph_of(cut.graph_def, where)
     feeds: dict[str, Any] = {
         tensor_name(plan.input): np.zeros((2, length), np.int32),
         cut.placeholder: np.zeros((2, length, plan.site.dim), np.float32),
@@ -276,8 +277,6 @@ def _plan(args: argparse.Namespace, graph_def: Any, graph_path: Path) -> _Plan:
 def _prepend_rows(graph_def: Any, site: EmbeddingSite, pad_id: int, unk_id: int) -> None:
     """Embedding rows [pad, unk, *rows] so that id i + 2 reads the graph's row i."""
     import tensorflow as tf
-
-    from server.graph_surgery import matrix_of
 
     const = nodes_by_name(graph_def)[site.const]
     matrix = matrix_of(const)

@@ -47,7 +47,7 @@ from server.text import Tokenizer
 MODEL_PB = "model.pb"
 
 
-def import_graph(graph_def: Any, where: Path) -> Any:
+def graph_of(graph_def: Any, where: Path) -> Any:
     """A finalized ``tf.Graph`` of ``graph_def``; one TensorFlow refuses is an ArtifactError."""
     import tensorflow as tf
 
@@ -83,7 +83,7 @@ def build_graph_runtime(
         tensors = manifest.tensors
         own = constant_bytes(graph_def)
         dropout = tensors.dropout if _has_node(graph_def, tensors.dropout) else None
-        graph = import_graph(graph_def, where)
+        graph = graph_of(graph_def, where)
         session = new_session(graph, intra_op_threads, inter_op_threads)
     return SessionRuntime(
         manifest=manifest,
