@@ -9,8 +9,10 @@ out-of-vocabulary; real words start at 2.
 from __future__ import annotations
 
 import re
+import threading
 import unicodedata
-from collections.abc import Iterable, Sequence
+import weakref
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -34,20 +36,61 @@ def tokenize(text: str, lowercase: bool = True) -> list[str]:
     return _TOKEN_RE.findall(text)
 
 
+HOT_TOKENS = 20_000
+"""The first this-many vocabulary entries (GloVe orders words by frequency) live in a dict."""
+
+
 class Vocabulary:
-    """Token ↔ id mapping. Line ``i`` of ``vocab.txt`` is the token with id ``i``."""
+    """Token ↔ id mapping. Line ``i`` of ``vocab.txt`` is the token with id ``i``.
 
-    __slots__ = ("_ids", "tokens")
+    Compact by design: a Python ``dict`` of 220k words costs ~43 MiB of RAM (measured), more
+    than a hundred of the models' own weights. Here only the first :data:`HOT_TOKENS` entries
+    (the most frequent words, in GloVe's order) are a dict; the rest is two numpy arrays, the
+    tokens' 64-bit ``hash()`` values sorted and their ids (12 bytes a token), searched with
+    ``np.searchsorted`` for all of a text's rarer tokens at once. Python's string hash is
+    salted per process, so the table is built at load, streaming the file. A token outside the
+    vocabulary could only be mistaken for a rare vocabulary token if their 64-bit hashes
+    collide (probability about ``len(vocab) / 2**64`` per token, ~1e-14); two vocabulary tokens
+    sharing a hash keep the lower id. The token strings are kept only when asked for (the
+    toolchain needs them; the server does not).
+    """
 
-    def __init__(self, tokens: Sequence[str]) -> None:
-        if len(tokens) < 2 or tokens[PAD_ID] != PAD_TOKEN or tokens[OOV_ID] != OOV_TOKEN:
+    __slots__ = ("__weakref__", "_hashes", "_hot", "_ids", "_size", "_tokens")
+
+    def __init__(self, tokens: Iterable[str], keep_tokens: bool = True) -> None:
+        kept: list[str] | None = [] if keep_tokens else None
+        hot: dict[str, int] = {}
+        iterator = iter(tokens)
+        size = 0
+        for tok in iterator:
+            if kept is not None:
+                kept.append(tok)
+            hot.setdefault(tok, size)
+            size += 1
+            if size == HOT_TOKENS:
+                break
+        if hot.get(PAD_TOKEN) != PAD_ID or hot.get(OOV_TOKEN) != OOV_ID:
             raise ArtifactError(
                 f"vocabulary must start with {PAD_TOKEN!r} and {OOV_TOKEN!r} (ids 0 and 1)"
             )
-        self.tokens: list[str] = list(tokens)
-        self._ids: dict[str, int] = {}
-        for i, tok in enumerate(self.tokens):
-            self._ids.setdefault(tok, i)
+
+        def cold() -> Iterator[int]:
+            for tok in iterator:
+                if kept is not None:
+                    kept.append(tok)
+                yield hash(tok)
+
+        hashes = np.fromiter(cold(), dtype=np.int64)
+        size += len(hashes)
+        order = np.argsort(hashes, kind="stable")  # equal hashes: lowest id first
+        sorted_hashes = hashes[order]
+        first = np.ones(len(order), dtype=bool)
+        first[1:] = sorted_hashes[1:] != sorted_hashes[:-1]
+        self._hot = hot
+        self._hashes: npt.NDArray[np.int64] = np.ascontiguousarray(sorted_hashes[first])
+        self._ids: npt.NDArray[np.int32] = (order[first] + HOT_TOKENS).astype(np.int32)
+        self._size = size
+        self._tokens = kept
 
     @classmethod
     def from_words(cls, words: Iterable[str]) -> Vocabulary:
@@ -55,17 +98,22 @@ class Vocabulary:
         return cls([PAD_TOKEN, OOV_TOKEN, *words])
 
     @classmethod
-    def load(cls, path: Path) -> Vocabulary:
+    def load(cls, path: Path, keep_tokens: bool = True) -> Vocabulary:
+        """Read ``vocab.txt``, streaming it line by line (no second copy of the file in RAM)."""
         try:
-            text = Path(path).read_text(encoding="utf-8")
+            with Path(path).open(encoding="utf-8", newline="\n") as f:
+                return cls((line[:-1] if line.endswith("\n") else line for line in f), keep_tokens)
         except FileNotFoundError as exc:
             raise ArtifactError(f"{path}: vocabulary file not found") from exc
         except UnicodeDecodeError as exc:
             raise ArtifactError(f"{path}: vocabulary is not UTF-8") from exc
-        tokens = text.split("\n")
-        if tokens and tokens[-1] == "":
-            tokens.pop()
-        return cls(tokens)
+
+    @property
+    def tokens(self) -> list[str]:
+        """The tokens in id order (only if loaded with ``keep_tokens=True``)."""
+        if self._tokens is None:
+            raise ArtifactError("this vocabulary was loaded without its token strings")
+        return self._tokens
 
     def save(self, path: Path) -> None:
         if any("\n" in t for t in self.tokens):
@@ -73,17 +121,60 @@ class Vocabulary:
         Path(path).write_text("\n".join(self.tokens) + "\n", encoding="utf-8")
 
     def __len__(self) -> int:
-        return len(self.tokens)
+        return self._size
 
     def __contains__(self, token: str) -> bool:
-        return token in self._ids
+        return token == OOV_TOKEN or self.id(token) != OOV_ID
 
     def id(self, token: str) -> int:
-        return self._ids.get(token, OOV_ID)
+        return self.ids([token])[0]
 
-    def ids(self, tokens: Iterable[str]) -> list[int]:
-        get = self._ids.get
-        return [get(t, OOV_ID) for t in tokens]
+    def ids(self, tokens: Sequence[str]) -> list[int]:
+        """Ids of ``tokens`` (OOV_ID for unknown ones)."""
+        get = self._hot.get
+        out = [get(t, -1) for t in tokens]
+        if -1 in out:
+            misses = [i for i, v in enumerate(out) if v == -1]
+            for i, v in zip(misses, self._cold_ids([tokens[i] for i in misses]), strict=True):
+                out[i] = v
+        return out
+
+    def _cold_ids(self, tokens: list[str]) -> list[int]:
+        table = self._hashes
+        if len(table) == 0:
+            return [OOV_ID] * len(tokens)
+        wanted = np.fromiter(map(hash, tokens), dtype=np.int64, count=len(tokens))
+        pos = np.searchsorted(table, wanted)
+        np.minimum(pos, len(table) - 1, out=pos)
+        found: list[int] = np.where(table[pos] == wanted, self._ids[pos], OOV_ID).tolist()
+        return found
+
+
+_shared_lock = threading.Lock()
+_shared: weakref.WeakValueDictionary[tuple[str, int, int], Vocabulary] = (
+    weakref.WeakValueDictionary()
+)
+
+
+def shared_vocabulary(path: Path) -> Vocabulary:
+    """The process's one :class:`Vocabulary` for the file at ``path`` (without token strings).
+
+    Every model reading the same vocabulary file (the models over one shared embedding) gets
+    the same object; it is freed when the last of them lets go. Keyed by the resolved path,
+    size and modification time, so a rewritten file is read again.
+    """
+    resolved = Path(path).resolve()
+    try:
+        stat = resolved.stat()
+    except FileNotFoundError as exc:
+        raise ArtifactError(f"{path}: vocabulary file not found") from exc
+    key = (str(resolved), stat.st_size, stat.st_mtime_ns)
+    with _shared_lock:
+        vocab = _shared.get(key)
+        if vocab is None:
+            vocab = Vocabulary.load(resolved, keep_tokens=False)
+            _shared[key] = vocab
+        return vocab
 
 
 class Tokenizer:
@@ -120,5 +211,19 @@ class Tokenizer:
                 out[row, :n] = ids[:n]
         return out
 
+    def encode_many(self, texts: Sequence[str]) -> list[list[int]]:
+        """``[self.encode(t) for t in texts]`` with one vocabulary lookup for all of them."""
+        limit = self.spec.fixed_len or self.spec.max_len
+        lowercase = self.spec.lowercase
+        per_text = [tokenize(t, lowercase)[:limit] for t in texts]
+        flat = self.vocab.ids([tok for toks in per_text for tok in toks])
+        out: list[list[int]] = []
+        start = 0
+        for toks in per_text:
+            end = start + len(toks)
+            out.append(flat[start:end])
+            start = end
+        return out
+
     def encode_batch(self, texts: Sequence[str]) -> IdArray:
-        return self.pad([self.encode(t) for t in texts])
+        return self.pad(self.encode_many(texts))

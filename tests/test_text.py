@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import gc
+import weakref
 from pathlib import Path
 
 import numpy as np
@@ -11,7 +13,7 @@ from hypothesis import strategies as st
 
 from server.artifact import OOV_ID, PAD_ID, TokenizerSpec
 from server.errors import ArtifactError
-from server.text import Tokenizer, Vocabulary, tokenize
+from server.text import HOT_TOKENS, Tokenizer, Vocabulary, shared_vocabulary, tokenize
 
 VOCAB = Vocabulary.from_words(["the", "cat", "sat", "on", "mat", ".", "don't", "café", "u.s."])
 
@@ -88,3 +90,58 @@ def test_vocabulary_file_round_trip(tmp_path: Path) -> None:
         Vocabulary.load(tmp_path / "bad.txt")
     with pytest.raises(ArtifactError, match="not found"):
         Vocabulary.load(tmp_path / "missing.txt")
+
+
+def _words(n: int) -> list[str]:
+    return [f"w{i}" for i in range(n)]
+
+
+def test_vocabulary_hot_and_cold_entries_match_a_plain_dict() -> None:
+    # More words than HOT_TOKENS, with duplicates on both sides of the boundary: ids must be
+    # exactly what a dict keeping each token's first id gives.
+    words = _words(HOT_TOKENS + 5_000)
+    words[HOT_TOKENS + 10] = "w3"  # duplicate of a hot token
+    words[HOT_TOKENS + 20] = words[HOT_TOKENS + 30]  # duplicate within the cold part
+    vocab = Vocabulary.from_words(words)
+    reference: dict[str, int] = {}
+    for i, tok in enumerate(vocab.tokens):
+        reference.setdefault(tok, i)
+    queries = [*words[::37], "not-a-word", "", "<unk>", "<pad>", words[-1]]
+    assert vocab.ids(queries) == [reference.get(q, OOV_ID) for q in queries]
+    assert len(vocab) == len(words) + 2
+    assert words[-1] in vocab
+    assert "not-a-word" not in vocab
+
+
+def test_vocabulary_without_tokens_is_compact_and_says_so(tmp_path: Path) -> None:
+    Vocabulary.from_words(_words(HOT_TOKENS * 3)).save(tmp_path / "vocab.txt")
+    full = Vocabulary.load(tmp_path / "vocab.txt")
+    lean = Vocabulary.load(tmp_path / "vocab.txt", keep_tokens=False)
+    probe = [*_words(HOT_TOKENS * 3)[::101], "missing"]
+    assert lean.ids(probe) == full.ids(probe)
+    assert len(lean) == len(full)
+    with pytest.raises(ArtifactError, match="without its token strings"):
+        _ = lean.tokens
+
+
+def test_shared_vocabulary_is_one_object_per_file_and_is_freed(tmp_path: Path) -> None:
+    path = tmp_path / "vocab.txt"
+    Vocabulary.from_words(["a", "b"]).save(path)
+    first = shared_vocabulary(path)
+    assert shared_vocabulary(tmp_path / "." / "vocab.txt") is first
+    ref = weakref.ref(first)
+    del first
+    gc.collect()
+    assert ref() is None  # the last user let go: nothing keeps it alive
+    Vocabulary.from_words(["a", "b", "c"]).save(path)
+    assert len(shared_vocabulary(path)) == 5  # a rewritten file is read again
+
+
+def test_vocabulary_must_start_with_pad_and_unk(tmp_path: Path) -> None:
+    with pytest.raises(ArtifactError, match="must start with"):
+        Vocabulary(["a", "b"])
+    with pytest.raises(ArtifactError, match="must start with"):
+        Vocabulary([])
+    (tmp_path / "bad.txt").write_bytes(b"<pad>\n<unk>\n\xff\n")
+    with pytest.raises(ArtifactError, match="not UTF-8"):
+        Vocabulary.load(tmp_path / "bad.txt")

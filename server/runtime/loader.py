@@ -24,7 +24,7 @@ from server.artifact import (
 from server.embeddings import EmbeddingStore
 from server.errors import ArtifactError
 from server.runtime.base import Runtime
-from server.text import Tokenizer, Vocabulary
+from server.text import Tokenizer, shared_vocabulary
 
 
 def _vocabulary(version_dir: Path, manifest: ModelManifest, embedding_dir: Path | None) -> Path:
@@ -69,7 +69,7 @@ def load_runtime(
     version_dir = Path(version_dir)
     manifest = load_model_manifest(version_dir)
     emb_manifest = _embedding_manifest(version_dir, manifest, embedding_dir)
-    vocab = Vocabulary.load(_vocabulary(version_dir, manifest, embedding_dir))
+    vocab = shared_vocabulary(_vocabulary(version_dir, manifest, embedding_dir))
     tokenizer = Tokenizer(vocab, manifest.tokenizer)
 
     fmt = manifest.format
