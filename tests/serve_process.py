@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import re
 import shutil
 import signal
 import socket
@@ -117,6 +118,17 @@ def serving(repo: Path, *args: str, log: Path, **kw: object) -> Iterator[ServePr
         yield served
     finally:
         served.stop()
+
+
+def metric(url: str, name: str, **labels: str) -> float:
+    """One sample of the server's Prometheus exposition (``GET /metrics``)."""
+    text = httpx.get(f"{url}/metrics", timeout=10).text
+    want = ",".join(f'{k}="{v}"' for k, v in sorted(labels.items()))
+    for line in text.splitlines():
+        match = re.fullmatch(rf"{re.escape(name)}\{{([^}}]*)\}} (\S+)", line)
+        if match and ",".join(sorted(match.group(1).split(","))) == want:
+            return float(match.group(2))
+    raise AssertionError(f"no sample {name}{{{want}}}")
 
 
 # -- a small asyncio HTTP/1.1 client ----------------------------------------------------------

@@ -12,7 +12,6 @@
 from __future__ import annotations
 
 import asyncio
-import re
 import socket
 import statistics
 import threading
@@ -26,7 +25,7 @@ import orjson
 import pytest
 
 from server.api.deadline import TIMEOUT_HEADER
-from tests.serve_process import Connection, Reply, ServeProcess, repo_with, serving
+from tests.serve_process import Connection, Reply, ServeProcess, metric, repo_with, serving
 
 MODEL = "pos"
 PATH = f"/v1/models/{MODEL}:classify"
@@ -36,10 +35,37 @@ CLIENTS = 32
 TEXTS_PER_REQUEST = 128
 BURST_SECONDS = 3.0
 
-WORDS = (
-    "the small brown dog ran quickly across a wide green field while an old man watched it "
-    "from a wooden bench near the river and slowly ate his bread"
-).split()
+WORDS = [
+    "the",
+    "small",
+    "brown",
+    "dog",
+    "ran",
+    "quickly",
+    "across",
+    "a",
+    "wide",
+    "green",
+    "field",
+    "while",
+    "an",
+    "old",
+    "man",
+    "watched",
+    "it",
+    "from",
+    "a",
+    "wooden",
+    "bench",
+    "near",
+    "the",
+    "river",
+    "and",
+    "slowly",
+    "ate",
+    "his",
+    "bread",
+]
 
 
 def texts(n: int, seed: int, words: int = 80) -> list[str]:
@@ -63,17 +89,6 @@ def server(small_repo: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterat
         log=root / "serve.log",
     ) as served:
         yield served
-
-
-def metric(url: str, name: str, **labels: str) -> float:
-    """One sample of the server's Prometheus exposition."""
-    text = httpx.get(f"{url}/metrics", timeout=10).text
-    want = ",".join(f'{k}="{v}"' for k, v in sorted(labels.items()))
-    for line in text.splitlines():
-        match = re.fullmatch(rf"{re.escape(name)}\{{([^}}]*)\}} (\S+)", line)
-        if match and ",".join(sorted(match.group(1).split(","))) == want:
-            return float(match.group(2))
-    raise AssertionError(f"no sample {name}{{{want}}}")
 
 
 async def sequential_latency(url: str, n: int) -> float:
