@@ -7,6 +7,17 @@ from pathlib import Path
 import pytest
 
 
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Tests marked ``soak`` run only when ``-m`` names them (``make soak``); every other run
+    (plain ``pytest``, ``-m 'not slow'``, a file or node id) deselects them."""
+    if "soak" in (config.getoption("markexpr") or ""):
+        return
+    soak = [item for item in items if item.get_closest_marker("soak") is not None]
+    if soak:
+        config.hook.pytest_deselected(items=soak)
+        items[:] = [item for item in items if item.get_closest_marker("soak") is None]
+
+
 @pytest.fixture(scope="session")
 def small_repo(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A real model repository from ``models.demo.build_repository(quick=True)`` (~9 s, 2 cores).
