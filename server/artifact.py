@@ -196,6 +196,8 @@ class BatchingConfig(_Strict):
     max_wait_ms: float | None = Field(default=None, ge=0, le=1000)
     max_queue: int | None = Field(default=None, ge=1)
     """Bound on queued texts; beyond it requests get 503 + Retry-After."""
+    max_in_flight: int | None = Field(default=None, ge=1, le=64)
+    """Predicts of one version running at once (default: the server's ``max_in_flight``)."""
 
 
 class SpecificVersions(_Strict):

@@ -110,6 +110,7 @@ class BatchingSettings:
     max_batch_size: int
     max_wait_ms: float
     max_queue: int
+    max_in_flight: int = 1
 
 
 @dataclass(frozen=True)
@@ -599,6 +600,7 @@ class Registry:
             max_batch_size=b.max_batch_size if b.max_batch_size is not None else s.max_batch_size,
             max_wait_ms=b.max_wait_ms if b.max_wait_ms is not None else s.max_wait_ms,
             max_queue=b.max_queue if b.max_queue is not None else s.max_queue,
+            max_in_flight=b.max_in_flight if b.max_in_flight is not None else s.max_in_flight,
         )
 
     def _embedding(
@@ -693,6 +695,7 @@ class Registry:
                     max_batch_size=mv.batching.max_batch_size,
                     max_wait_ms=mv.batching.max_wait_ms,
                     max_queue=mv.batching.max_queue,
+                    max_in_flight=mv.batching.max_in_flight,
                     executor=self._inference,
                     name=f"{mc.name}:{number}",
                     observer=self.listener.batch_observer(mv) if self.listener else None,

@@ -38,6 +38,10 @@ class Settings(BaseSettings):
     """Default longest time a partial batch waits for more texts (from its oldest request)."""
     max_queue: int = Field(default=4096, ge=1)
     """Default bound on queued texts per model version; beyond it: 503 + Retry-After."""
+    max_in_flight: int = Field(default=1, ge=1, le=64)
+    """Default number of predicts (session.run) one model version runs at once; models.yaml may
+    override. More than 1 lets a second batch start while one runs (needs inference_threads at
+    least as large); on 2 cores measured no better than 1 (docs/bench/README.md)."""
 
     max_texts_per_request: int = Field(default=1024, ge=1)
     """More texts in one request → 413."""

@@ -51,6 +51,7 @@ def version_info(mv: ModelVersion) -> dict[str, Any]:
             "max_batch_size": mv.batching.max_batch_size,
             "max_wait_ms": mv.batching.max_wait_ms,
             "max_queue": mv.batching.max_queue,
+            "max_in_flight": mv.batching.max_in_flight,
         },
     }
 

@@ -97,6 +97,7 @@ class BatchingInfo(BaseModel):
     max_batch_size: int
     max_wait_ms: float
     max_queue: int
+    max_in_flight: int
 
 
 class VersionInfo(BaseModel):

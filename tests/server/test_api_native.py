@@ -159,7 +159,12 @@ def test_model_list(client: httpx.Client, live_server: LiveServer) -> None:
         assert v["load_seconds"] > 0
         assert v["warmup_seconds"] > 0
         assert v["memory"]["rss_after"] > 0
-        assert v["batching"] == {"max_batch_size": 64, "max_wait_ms": 2.0, "max_queue": 4096}
+        assert v["batching"] == {
+            "max_batch_size": 64,
+            "max_wait_ms": 2.0,
+            "max_queue": 4096,
+            "max_in_flight": 1,
+        }
     assert models[SMALL_BATCH]["versions"][0]["batching"]["max_batch_size"] == 8
     assert models[SMALL_BATCH]["versions"][0]["batching"]["max_wait_ms"] == 1.0
     broken = models[BROKEN]

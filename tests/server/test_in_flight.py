@@ -1,0 +1,92 @@
+"""``max_in_flight`` from settings / models.yaml reaches each version's batcher and is obeyed."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+import pytest
+from pydantic import ValidationError
+
+from server.artifact import load_repository_config
+from server.errors import ConfigError
+from server.registry import Registry
+from server.settings import Settings
+from tests.server.conftest import copy_repo
+from tests.server.test_registry import only, settings, with_registry
+
+TEXT = "a small dog that barks"
+
+
+@pytest.fixture
+def repo(small_repo: Path, tmp_path: Path) -> Path:
+    return copy_repo(small_repo, tmp_path / "repo")
+
+
+def test_setting_reads_the_environment_and_rejects_zero(monkeypatch: pytest.MonkeyPatch) -> None:
+    assert Settings(_env_file=None).max_in_flight == 1  # type: ignore[call-arg]
+    monkeypatch.setenv("TEXTSERVE_MAX_IN_FLIGHT", "3")
+    assert Settings(_env_file=None).max_in_flight == 3  # type: ignore[call-arg]
+    monkeypatch.setenv("TEXTSERVE_MAX_IN_FLIGHT", "0")
+    with pytest.raises(ValidationError):
+        Settings(_env_file=None)
+
+
+async def _concurrent_predicts(registry: Registry, name: str) -> int:
+    """Predicts running right after a lone text and then a full batch were submitted.
+
+    The lone text starts at once (idle model); the full batch may start beside it only if the
+    version allows two predicts in flight. Both submits run in one loop iteration, before any
+    predict's completion callback can run, so the count does not depend on timing.
+    """
+    mv = registry.get(name)
+    assert mv.batcher is not None
+    full = [TEXT] * mv.batching.max_batch_size
+    first = asyncio.create_task(registry_classify(registry, name, [TEXT]))
+    second = asyncio.create_task(registry_classify(registry, name, full))
+    await asyncio.sleep(0)
+    running = mv.batcher.in_flight
+    probs = await asyncio.gather(first, second)
+    assert [len(p) for p in probs] == [1, len(full)]
+    return running
+
+
+async def registry_classify(registry: Registry, name: str, texts: list[str]) -> list[object]:
+    mv = registry.get(name)
+    assert mv.runtime is not None
+    assert mv.batcher is not None
+    encode = mv.runtime.tokenizer.encode
+    return list(await mv.batcher.submit([encode(t) for t in texts]))
+
+
+def test_models_yaml_overrides_the_server_default_and_the_batcher_obeys(repo: Path) -> None:
+    only(
+        repo,
+        pos={"base_path": "pos", "batching": {"max_in_flight": 2, "max_batch_size": 8}},
+        noun={"base_path": "noun-topic", "batching": {"max_batch_size": 8}},
+    )
+
+    async def body(registry: Registry) -> None:
+        pos, noun = registry.get("pos"), registry.get("noun")
+        assert pos.batching.max_in_flight == 2
+        assert noun.batching.max_in_flight == 1
+        assert await _concurrent_predicts(registry, "pos") == 2
+        assert await _concurrent_predicts(registry, "noun") == 1
+
+    with_registry(settings(repo, max_wait_ms=0.0), body)
+
+
+def test_server_setting_is_the_default_for_every_model(repo: Path) -> None:
+    only(repo, noun={"base_path": "noun-topic", "batching": {"max_batch_size": 8}})
+
+    async def body(registry: Registry) -> None:
+        assert registry.get("noun").batching.max_in_flight == 2
+        assert await _concurrent_predicts(registry, "noun") == 2
+
+    with_registry(settings(repo, max_wait_ms=0.0, max_in_flight=2), body)
+
+
+def test_models_yaml_rejects_zero_in_flight(repo: Path) -> None:
+    only(repo, noun={"base_path": "noun-topic", "batching": {"max_in_flight": 0}})
+    with pytest.raises(ConfigError, match="max_in_flight"):
+        load_repository_config(repo)
