@@ -24,9 +24,9 @@ def repo(small_repo: Path, tmp_path: Path) -> Path:
 
 
 def test_setting_reads_the_environment_and_rejects_zero(monkeypatch: pytest.MonkeyPatch) -> None:
-    assert Settings(_env_file=None).max_in_flight == 1  # type: ignore[call-arg]
+    assert Settings(_env_file=None).max_in_flight == 1
     monkeypatch.setenv("TEXTSERVE_MAX_IN_FLIGHT", "3")
-    assert Settings(_env_file=None).max_in_flight == 3  # type: ignore[call-arg]
+    assert Settings(_env_file=None).max_in_flight == 3
     monkeypatch.setenv("TEXTSERVE_MAX_IN_FLIGHT", "0")
     with pytest.raises(ValidationError):
         Settings(_env_file=None)
