@@ -15,9 +15,14 @@ Scheduling policy (all times on the monotonic clock):
   so in practice the hold only applies after very short batches, giving the clients just
   answered time to come back and join). ``max_wait_ms=0`` makes the batcher purely
   work-conserving.
-* **At most ``max_in_flight`` predicts at once** (default 1: on 2 cores one ``session.run``
-  with 2 intra-op threads already uses both). With more than one, an extra predict starts only
-  when its batch is full or its oldest request has waited ``max_wait_ms``.
+* **At most ``max_in_flight`` predicts at once** (default 1; ``TEXTSERVE_MAX_IN_FLIGHT`` or
+  models.yaml ``batching.max_in_flight``). With more than one, an extra predict starts only
+  when its batch is full or its oldest request has waited ``max_wait_ms``. On 2 shared cores 2
+  in flight measured +5-12 % texts/s but more CPU per single text and a worse single-text p99
+  (``docs/bench/README.md``), so 1 stays the default.
+* ``in_worker`` runs other per-request work (the data plane tokenizes requests of many texts
+  there) on the predicts' executor, so it overlaps a running predict instead of holding the
+  event loop.
 * **Fair chunking.** Texts are taken from the queue in arrival order. A request with more texts
   than fit in the batch contributes a chunk and goes to the back of the queue, so a
   1000-text request is split into ``max_batch_size`` chunks that alternate with the small
@@ -51,7 +56,7 @@ import functools
 import time
 from collections import deque
 from collections.abc import Callable, Sequence
-from typing import Protocol
+from typing import Protocol, TypeVar
 
 import numpy as np
 import numpy.typing as npt
@@ -61,6 +66,8 @@ from server.runtime.base import ProbArray
 from server.text import IdArray
 
 __all__ = ["BatchObserver", "Batcher"]
+
+T = TypeVar("T")
 
 
 class BatchObserver(Protocol):
@@ -254,6 +261,14 @@ class Batcher:
             if req.timer is not None:
                 req.timer.cancel()
             self._live.discard(req)
+
+    async def in_worker(self, fn: Callable[[], T]) -> T:
+        """``fn()`` run on the executor the predicts run on (e.g. tokenizing a large request
+        while a predict runs), off the event loop."""
+        loop = self._loop
+        if loop is None:
+            raise RuntimeError(f"batcher {self.name!r}: start() was not called")
+        return await loop.run_in_executor(self._executor, fn)
 
     async def close(self, timeout: float) -> None:  # noqa: ASYNC109 (the documented interface)
         """Refuse new work, finish queued and in-flight work; give up after ``timeout`` s."""

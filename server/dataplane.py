@@ -2,7 +2,9 @@
 
 Transport-free: it validates texts against the documented limits, finds the serving model
 version in the :class:`~server.registry.Registry`, tokenizes each text once, submits it to the
-version's batcher and turns probabilities into labelled top-k results. Errors are
+version's batcher and turns probabilities into labelled top-k results. A request of at least
+``WORKER_TOKENIZE_MIN_TEXTS`` texts is tokenized on an inference thread (``Batcher.in_worker``),
+overlapping the running predict, instead of on the event loop. Errors are
 :mod:`server.errors` exceptions; the API layer maps them to statuses.
 
 Decisions (documented in the API docs too):
@@ -18,6 +20,7 @@ Decisions (documented in the API docs too):
 from __future__ import annotations
 
 import asyncio
+import functools
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -42,6 +45,10 @@ from server.runtime.base import ProbArray
 from server.settings import Settings
 
 IndexArray = npt.NDArray[np.intp]
+
+WORKER_TOKENIZE_MIN_TEXTS = 16
+"""Requests with at least this many texts are tokenized on an inference thread (overlapping
+a running predict) instead of on the event loop; smaller ones are not worth the thread hop."""
 
 
 def top_indices(probs: ProbArray, k: int) -> IndexArray:
@@ -182,8 +189,13 @@ class DataPlane:
         batcher.admit(len(texts))
         if deadline is not None and time.monotonic() >= deadline:
             raise DeadlineExceeded("the request's deadline passed before inference")
-        encode = runtime.tokenizer.encode
-        probs = await batcher.submit([encode(t) for t in texts], deadline=deadline)
+        tokenizer = runtime.tokenizer
+        encoded: list[list[int]]
+        if len(texts) >= WORKER_TOKENIZE_MIN_TEXTS:
+            encoded = await batcher.in_worker(functools.partial(tokenizer.encode_many, texts))
+        else:
+            encoded = [tokenizer.encode(t) for t in texts]
+        probs = await batcher.submit(encoded, deadline=deadline)
         record = current_request.get()
         if record is not None:
             record.classified(mv.name, str(mv.version), len(texts))

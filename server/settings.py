@@ -40,8 +40,8 @@ class Settings(BaseSettings):
     """Default bound on queued texts per model version; beyond it: 503 + Retry-After."""
     max_in_flight: int = Field(default=1, ge=1, le=64)
     """Default number of predicts (session.run) one model version runs at once; models.yaml may
-    override. More than 1 lets a second batch start while one runs (needs inference_threads at
-    least as large); on 2 cores measured no better than 1 (docs/bench/README.md)."""
+    override. 2 lets a batch start while another runs (needs inference_threads >= 2): on 2 shared
+    cores +5-12 % texts/s, but more CPU per single text and a worse p99 (docs/bench/README.md)."""
 
     max_texts_per_request: int = Field(default=1024, ge=1)
     """More texts in one request → 413."""

@@ -5,10 +5,12 @@ from __future__ import annotations
 import asyncio
 from pathlib import Path
 
+import numpy as np
 import pytest
 from pydantic import ValidationError
 
 from server.artifact import load_repository_config
+from server.dataplane import WORKER_TOKENIZE_MIN_TEXTS, DataPlane
 from server.errors import ConfigError
 from server.registry import Registry
 from server.settings import Settings
@@ -90,3 +92,39 @@ def test_models_yaml_rejects_zero_in_flight(repo: Path) -> None:
     only(repo, noun={"base_path": "noun-topic", "batching": {"max_in_flight": 0}})
     with pytest.raises(ConfigError, match="max_in_flight"):
         load_repository_config(repo)
+
+
+def test_texts_tokenized_on_the_loop_or_in_a_worker_give_the_sessions_answers(repo: Path) -> None:
+    """Below and at/above ``WORKER_TOKENIZE_MIN_TEXTS`` (tokenized on an inference thread), and
+    beyond one batch: rows equal the session's own answers for the same texts, in order."""
+    words = [
+        "a",
+        "small",
+        "dog",
+        "that",
+        "barks",
+        "to",
+        "run",
+        "quickly",
+        "very",
+        "slowly",
+        "and",
+        "carefully",
+        "indeed",
+    ]
+    texts = [" ".join(words[i % 7 : i % 7 + 1 + i % 9]) for i in range(40)]
+    texts[3] = ""
+
+    async def body(registry: Registry) -> None:
+        plane = DataPlane(registry, registry.settings)
+        mv = registry.get("noun")
+        assert mv.runtime is not None
+        for n in (1, WORKER_TOKENIZE_MIN_TEXTS - 1, WORKER_TOKENIZE_MIN_TEXTS, len(texts)):
+            got = await plane.probabilities(mv, texts[:n])
+            want = np.concatenate(
+                [mv.runtime.predict(mv.runtime.tokenizer.encode_batch([t])) for t in texts[:n]]
+            )
+            np.testing.assert_allclose(got, want, atol=1e-5)
+
+    only(repo, noun={"base_path": "noun-topic", "batching": {"max_batch_size": 8}})
+    with_registry(settings(repo), body)
