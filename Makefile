@@ -39,7 +39,7 @@ memory-report: $(STAMP)
 	$(BIN)/textserve memory-report --repo $(REPO) --out docs/memory
 
 soak: $(STAMP)
-	$(BIN)/pytest -m soak -p no:cacheprovider tests/test_soak.py
+	$(BIN)/pytest -m soak -s -p no:cacheprovider tests/test_soak.py
 
 clean:
 	rm -rf $(VENV) build dist *.egg-info .pytest_cache .mypy_cache .ruff_cache
