@@ -444,6 +444,9 @@ def parse_predict(obj: dict[str, Any], plane: DataPlane) -> tuple[list[str], boo
     ``{"inputs": {"text": [...]}}``."""
     if "instances" in obj and "inputs" in obj:
         raise BadRequest("send either 'instances' or 'inputs', not both")
+    signature = obj.get("signature_name")
+    if signature is not None and type(signature) is not str:
+        raise BadRequest("'signature_name' must be a string")
     if "instances" in obj:
         items, field, columnar = obj["instances"], "instances", False
     elif "inputs" in obj:

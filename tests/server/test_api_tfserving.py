@@ -86,6 +86,7 @@ def test_predict_version_and_form_content_type(
         ({"instances": [{"b64": "%%%"}]}, "base64"),
         ({"instances": [{"txt": "a"}]}, "'text'"),
         ({"inputs": {"a": ["x"], "b": ["y"]}}, "exactly one input"),
+        ({"instances": ["a"], "signature_name": 0}, "'signature_name' must be a string"),
     ],
 )
 def test_predict_bad_requests(client: httpx.Client, body: object, fragment: str) -> None:
