@@ -40,6 +40,7 @@ _FLAGS: dict[str, tuple[type, str]] = {
     "max_texts_per_request": (int, "more texts in one request answer 413"),
     "max_text_chars": (int, "a longer text answers 413"),
     "max_body_bytes": (int, "a larger body answers 413"),
+    "max_top_k": (int, "largest accepted top_k (400 above it)"),
     "drain_timeout_s": (float, "on shutdown, how long in-flight work may take"),
 }
 
