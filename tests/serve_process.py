@@ -157,6 +157,10 @@ class Connection:
             self._reader, self._writer = await asyncio.open_connection(self.host, self.port)
         return self._reader, self._writer
 
+    async def open(self) -> None:
+        """Connect now (so a later :meth:`post` only writes and reads)."""
+        await self._connect()
+
     async def post(self, path: str, body: bytes, headers: dict[str, str] | None = None) -> Reply:
         reader, writer = await self._connect()
         extra = "".join(f"{k}: {v}\r\n" for k, v in (headers or {}).items())
