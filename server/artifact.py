@@ -103,7 +103,7 @@ class TokenizerSpec(_Strict):
     """Texts longer than this many tokens are truncated."""
     min_len: int = Field(default=3, ge=1)
     """Batches are padded to at least this many tokens (the widest filter)."""
-    fixed_len: int | None = None
+    fixed_len: int | None = Field(default=None, ge=1, le=10_000)
     """If set, every batch is padded/truncated to exactly this length (graphs made elsewhere)."""
 
 

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from pydantic import ValidationError
 
 from server.artifact import OOV_ID, PAD_ID, TokenizerSpec
 from server.errors import ArtifactError
@@ -145,3 +146,9 @@ def test_vocabulary_must_start_with_pad_and_unk(tmp_path: Path) -> None:
     (tmp_path / "bad.txt").write_bytes(b"<pad>\n<unk>\n\xff\n")
     with pytest.raises(ArtifactError, match="not UTF-8"):
         Vocabulary.load(tmp_path / "bad.txt")
+
+
+@pytest.mark.parametrize("fixed_len", [0, -3])
+def test_tokenizer_spec_rejects_a_non_positive_fixed_length(fixed_len: int) -> None:
+    with pytest.raises(ValidationError, match="fixed_len"):
+        TokenizerSpec(fixed_len=fixed_len)
