@@ -301,7 +301,11 @@ def test_a_real_prometheus_scrapes_the_server(
     with httpx.Client(base_url=prometheus, timeout=5) as api:
         while time.monotonic() < deadline:
             try:
-                targets = api.get("/api/v1/targets").json()["data"]["activeTargets"]
+                answer = api.get("/api/v1/targets")
+                if answer.status_code != 200:  # 503 "Service Unavailable" until it is ready
+                    time.sleep(0.3)
+                    continue
+                targets = answer.json()["data"]["activeTargets"]
                 health = {t["labels"]["job"]: t["health"] for t in targets}
                 if health.get("textserve") == "up":
                     query = api.get(
