@@ -179,7 +179,4 @@ def test_probe_paths_are_routes_the_server_answers() -> None:
 
 
 def test_the_scrape_path_is_a_route_the_server_answers() -> None:
-    status = _route_statuses((METRICS,))[METRICS]
-    if status == 404:
-        pytest.skip("GET /metrics is not wired into server/api yet (server/metrics.py renders it)")
-    assert status == 200
+    assert _route_statuses((METRICS,))[METRICS] == 200
