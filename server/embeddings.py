@@ -30,6 +30,7 @@ Thread safety: acquire/release/register_array take one lock (loads are rare and 
 
 from __future__ import annotations
 
+import logging
 import math
 import threading
 from pathlib import Path
@@ -48,14 +49,13 @@ from server.artifact import (
 )
 from server.errors import ArtifactError, BadRequest
 
+log = logging.getLogger(__name__)
+
 FloatArray = npt.NDArray[np.float32]
 
 ALIGNMENT = 64
-"""Byte alignment of gathered batches. TensorFlow feeds a numpy array without copying it only
-when its data is aligned for Eigen (64 bytes with AVX-512)."""
-
-_SCRATCH_MAX_BYTES = 32 * 1024 * 1024
-"""Per-thread scratch buffers are kept up to this size; larger batches get a fresh array."""
+"""Byte alignment of held matrices. TensorFlow feeds a numpy array without copying it only when
+its data is aligned for Eigen (64 bytes with AVX-512)."""
 
 
 def aligned_empty(shape: tuple[int, ...], dtype: npt.DTypeLike = np.float32) -> npt.NDArray[Any]:
@@ -67,31 +67,25 @@ def aligned_empty(shape: tuple[int, ...], dtype: npt.DTypeLike = np.float32) -> 
     return raw[offset : offset + nbytes].view(dt).reshape(shape)
 
 
-class ScratchBuffers:
-    """One reusable, aligned float32 buffer per thread (for :meth:`SharedEmbedding.lookup`).
-
-    ``get(shape)`` returns a view that stays valid until the same thread calls ``get`` again:
-    a runtime fills it, feeds it to ``session.run`` and is done with it before its next batch.
-    """
-
-    def __init__(self, max_cached_bytes: int = _SCRATCH_MAX_BYTES) -> None:
-        self._local = threading.local()
-        self._max_floats = max_cached_bytes // 4
-
-    def get(self, shape: tuple[int, ...]) -> FloatArray:
-        n = math.prod(shape)
-        if n > self._max_floats:
-            return aligned_empty(shape)
-        buf: FloatArray | None = getattr(self._local, "buf", None)
-        if buf is None or buf.size < n:
-            buf = aligned_empty((max(n, 1),))
-            self._local.buf = buf
-        return buf[:n].reshape(shape)
-
-
 def array_sha256(*arrays: npt.NDArray[Any]) -> str:
     """sha256 of the arrays' raw bytes in C order, one after the other (no copy if contiguous)."""
     return sha256_bytes(*(np.ascontiguousarray(a).data for a in arrays))
+
+
+def _aligned(array: npt.NDArray[Any], name: str) -> npt.NDArray[Any]:
+    """``array`` if its data starts on an :data:`ALIGNMENT` boundary, else an aligned copy.
+
+    Sessions are fed the matrix itself (:mod:`server.runtime.lookup`); TensorFlow copies a fed
+    array that is not aligned, on every run. ``.npy`` files pad their header to 64 bytes, so
+    memory-mapped artifacts are aligned; an array cut out of a graph proto may not be.
+    """
+    if array.ctypes.data % ALIGNMENT == 0 and array.flags.c_contiguous:
+        return array
+    if isinstance(array, np.memmap):
+        log.warning("embedding %r: mapped matrix not %d-byte aligned; copied", name, ALIGNMENT)
+    out = aligned_empty(array.shape, array.dtype)
+    np.copyto(out, array)
+    return out
 
 
 def _read_only(array: npt.NDArray[Any]) -> npt.NDArray[Any]:
@@ -128,8 +122,10 @@ class SharedEmbedding:
         self.rows: int = int(matrix.shape[0])
         self.dim: int = int(matrix.shape[1])
         self.source = source
-        self.matrix = _read_only(matrix)
-        self.scales: FloatArray | None = None if scales is None else _read_only(scales)
+        self.matrix = _read_only(_aligned(matrix, name))
+        self.scales: FloatArray | None = (
+            None if scales is None else _read_only(_aligned(scales, name))
+        )
         self.nbytes: int = int(matrix.nbytes) + (0 if scales is None else int(scales.nbytes))
         self._users = 0
 
@@ -149,8 +145,9 @@ class SharedEmbedding:
     ) -> FloatArray:
         """Rows for ``ids`` (any shape, usually ``[B, T]``) as float32 ``[*ids.shape, dim]``.
 
-        ``out`` (C-contiguous float32 of that shape, ideally from :func:`aligned_empty` or
-        :class:`ScratchBuffers`) receives the rows; otherwise a fresh aligned array is returned.
+        ``out`` (C-contiguous float32 of that shape) receives the rows; otherwise a fresh
+        aligned array is returned. Serving gathers inside the session
+        (:mod:`server.runtime.lookup`); this is the numpy reference for tools and tests.
         Ids outside ``[0, rows)`` are a :class:`~server.errors.BadRequest`.
         """
         ids = np.asarray(ids)

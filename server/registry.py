@@ -46,6 +46,7 @@ from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
 import numpy as np
 
+from server import allocator
 from server.artifact import (
     SERVABLE_FORMATS,
     ModelConfig,
@@ -313,6 +314,10 @@ class Registry:
         from server.embeddings import EmbeddingStore
 
         self._loop = asyncio.get_running_loop()
+        if self.settings.malloc_tuning:
+            allocator.tune()
+        if self.settings.lean_tensorflow:
+            allocator.lean_tensorflow()
         self._store = EmbeddingStore()
         self._inference = concurrent.futures.ThreadPoolExecutor(
             max_workers=self.settings.inference_threads, thread_name_prefix="textserve-infer"
@@ -676,6 +681,7 @@ class Registry:
                 t1 = time.monotonic()
                 if self.settings.warmup:
                     warm_up(runtime, mv.batching.max_batch_size)
+                self._trim()  # the load's temporaries: graph protos, checkpoint buffers
                 t2 = time.monotonic()
                 mv.stats = LoadStats(
                     load_seconds=t1 - t0,
@@ -770,6 +776,11 @@ class Registry:
         runtime, mv.runtime = mv.runtime, None
         if runtime is not None:
             self._close_quietly(runtime)
+            self._trim()
+
+    def _trim(self) -> None:
+        if self.settings.malloc_tuning:
+            allocator.trim()
 
     @staticmethod
     def _close_quietly(runtime: Runtime) -> None:

@@ -41,6 +41,8 @@ from server.graph_surgery import (
     require_nodes,
     tensor_name,
 )
+from server.runtime.lookup import SCOPE as LOOKUP_SCOPE
+from server.runtime.lookup import Lookup, add_lookup
 from server.runtime.session_runtime import SessionRuntime, new_session, released_on_error
 from server.text import Tokenizer
 
@@ -66,6 +68,76 @@ def _has_node(graph_def: Any, name: str | None) -> bool:
     return name is not None and any(n.name == node_name(name) for n in graph_def.node)
 
 
+def _node(graph_def: Any, name: str) -> Any:
+    wanted = node_name(name)
+    for node in graph_def.node:
+        if node.name == wanted:
+            return node
+    raise ArtifactError(f"the graph has no node {wanted!r}")
+
+
+def _placeholder_like(node: Any, where: Path) -> Any:
+    """A new int placeholder with ``node``'s dtype and shape (the model's ids input)."""
+    import tensorflow as tf
+
+    dtype = tf.as_dtype(node.attr["dtype"].type)
+    if node.op != "Placeholder" or dtype not in (tf.int32, tf.int64):
+        raise ArtifactError(
+            f"{where}: input {node.name!r} must be an int32/int64 Placeholder, got {node.op} "
+            f"{dtype.name}"
+        )
+    shape = tf.TensorShape(node.attr["shape"].shape) if "shape" in node.attr else None
+    return tf.compat.v1.placeholder(dtype, shape, name="input_ids")
+
+
+def _check_embedded(node: Any, embedding: SharedEmbedding, where: Path) -> None:
+    """The node the lookup replaces: a float32 placeholder of the embedding's width."""
+    import tensorflow as tf
+
+    dtype = tf.as_dtype(node.attr["dtype"].type)
+    if node.op != "Placeholder" or dtype != tf.float32:
+        raise ArtifactError(
+            f"{where}: {node.name} must be a float32 placeholder the runtime feeds, got "
+            f"{node.op} {dtype.name}"
+        )
+    shape = tf.TensorShape(node.attr["shape"].shape) if "shape" in node.attr else None
+    dim = shape[-1] if shape is not None and shape.rank else None
+    if dim is not None and dim != embedding.dim:
+        raise ArtifactError(
+            f"{where}: graph expects {dim}-dim embeddings, embedding {embedding.name!r} has "
+            f"{embedding.dim}"
+        )
+
+
+def graph_with_lookup(
+    graph_def: Any, *, input_ids: str, embedded: str, embedding: SharedEmbedding, where: Path
+) -> tuple[Any, str, Lookup]:
+    """A finalized ``tf.Graph`` of ``graph_def`` whose ``embedded`` placeholder is replaced by
+    :func:`~server.runtime.lookup.add_lookup` on a fresh ids placeholder, which also replaces
+    ``input_ids`` everywhere (so lengths and masks read the same ids). Returns the graph, the
+    new ids tensor's name and the lookup."""
+    import tensorflow as tf
+
+    ids_node = _node(graph_def, input_ids)
+    _check_embedded(_node(graph_def, embedded), embedding, where)
+    graph = tf.Graph()
+    try:
+        with graph.as_default(), tf.name_scope(LOOKUP_SCOPE):
+            ids = _placeholder_like(ids_node, where)
+            lookup = add_lookup(embedding, ids)
+        with graph.as_default():
+            tf.compat.v1.import_graph_def(
+                graph_def,
+                input_map={tensor_name(input_ids): ids, tensor_name(embedded): lookup.rows},
+                name="",
+            )
+    except (ValueError, tf.errors.OpError) as exc:
+        message = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ArtifactError(f"{where}: cannot import the graph: {message}") from exc
+    graph.finalize()
+    return graph, ids.name, lookup
+
+
 def build_graph_runtime(
     graph_def: Any,
     manifest: ModelManifest,
@@ -83,7 +155,13 @@ def build_graph_runtime(
         tensors = manifest.tensors
         own = constant_bytes(graph_def)
         dropout = tensors.dropout if _has_node(graph_def, tensors.dropout) else None
-        graph = graph_of(graph_def, where)
+        graph, ids, lookup = graph_with_lookup(
+            graph_def,
+            input_ids=tensors.input_ids,
+            embedded=embedded,
+            embedding=embedding,
+            where=where,
+        )
         session = new_session(graph, intra_op_threads, inter_op_threads)
     return SessionRuntime(
         manifest=manifest,
@@ -93,8 +171,8 @@ def build_graph_runtime(
         store=store,
         embedding=embedding,
         own_bytes=own,
-        input_ids=tensor_name(tensors.input_ids),
-        embedded=tensor_name(embedded),
+        input_ids=ids,
+        lookup=lookup,
         output=tensor_name(tensors.output),
         dropout=None if dropout is None else tensor_name(dropout),
         apply_softmax=manifest.apply_softmax,

@@ -1,11 +1,10 @@
 """The session-backed runtime every format ends up as: one tf.Graph + one Session per version.
 
-The graph has a float32 placeholder where the embedding lookup was (``embedding/lookup`` for
-textserve graphs). ``predict`` gathers the batch's rows from the shared embedding into a
-per-thread aligned buffer, feeds them with the ids (textserve graphs derive lengths from them)
-and 1.0 for dropout, and runs a callable made once at load (``Session.make_callable``), so the
-per-batch cost is one gather plus one ``session.run``. TensorFlow releases the GIL while it
-runs, so predicts for different models proceed in parallel on worker threads.
+The loaders put :mod:`server.runtime.lookup`'s gather where the embedding lookup was
+(``embedding/lookup`` for textserve graphs), so ``predict`` feeds the ids, the shared matrix
+itself (no copy: see that module) and 1.0 for dropout, and runs a callable made once at load
+(``Session.make_callable``): the per-batch cost is one ``session.run``. TensorFlow releases the
+GIL while it runs, so predicts for different models proceed in parallel on worker threads.
 
 Load runs the graph on a one-row batch (the output width is checked against the labels) and on
 one representative batch: graph optimisation and first-use costs happen then, not on the first
@@ -22,17 +21,14 @@ from typing import Any
 import numpy as np
 
 from server.artifact import PAD_ID, ModelManifest
-from server.embeddings import EmbeddingStore, ScratchBuffers, SharedEmbedding
+from server.embeddings import EmbeddingStore, SharedEmbedding
 from server.errors import ArtifactError, BadRequest, ModelNotReady
 from server.runtime.base import ProbArray, Runtime
+from server.runtime.lookup import Lookup
 from server.text import IdArray, Tokenizer
 
 WARMUP_SHAPE = (64, 64)
 """A representative batch (texts, tokens) run once at load."""
-
-_SCRATCH = ScratchBuffers()
-"""Gathered rows are written to one buffer per inference thread, shared by every runtime: a
-thread runs one batch at a time, and the buffer is free again once ``session.run`` returns."""
 
 Session = Any  # tf.compat.v1.Session
 Graph = Any  # tf.Graph
@@ -97,7 +93,7 @@ class SessionRuntime(Runtime):
         embedding: SharedEmbedding,
         own_bytes: int,
         input_ids: str,
-        embedded: str,
+        lookup: Lookup,
         output: str,
         dropout: str | None,
         apply_softmax: bool,
@@ -121,12 +117,13 @@ class SessionRuntime(Runtime):
         try:
             self._check_vocabulary()
             fetch = self._tensor(output)
-            feeds = [self._tensor(input_ids), self._tensor(embedded)]
-            self._feed_dropout = dropout is not None
+            feeds = [self._tensor(input_ids), *(tensor for tensor, _ in lookup.feeds)]
+            self._tables = tuple(array for _, array in lookup.feeds)
+            self._keep_prob = np.array(1.0, dtype=np.float32)
+            self._extra = self._tables
             if dropout is not None:
                 feeds.append(self._tensor(dropout))
-            self._check_embedded(feeds[1])
-            self._keep_prob = np.array(1.0, dtype=np.float32)
+                self._extra = (*self._tables, self._keep_prob)
             self._run = session.make_callable(fetch, feeds)
             self._warm_up()
         except BaseException:
@@ -150,20 +147,6 @@ class SessionRuntime(Runtime):
                 f"{self.manifest.name} v{self.manifest.version}: vocabulary has "
                 f"{len(self.tokenizer.vocab)} tokens but embedding {self._embedding.name!r} "
                 f"has {self._embedding.rows} rows"
-            )
-
-    def _check_embedded(self, tensor: Any) -> None:
-        assert self._embedding is not None
-        if tensor.dtype.name != "float32" or tensor.op.type != "Placeholder":
-            raise ArtifactError(
-                f"{self.manifest.name} v{self.manifest.version}: {tensor.name} must be a "
-                f"float32 placeholder the runtime feeds, got {tensor.op.type} {tensor.dtype.name}"
-            )
-        dim = tensor.shape[-1] if tensor.shape.rank else None
-        if dim is not None and dim != self._embedding.dim:
-            raise ArtifactError(
-                f"{self.manifest.name} v{self.manifest.version}: graph expects {dim}-dim "
-                f"embeddings, embedding {self._embedding.name!r} has {self._embedding.dim}"
             )
 
     def _warm_up(self) -> None:
@@ -197,12 +180,14 @@ class SessionRuntime(Runtime):
         batch = fit_length(batch, fixed=self._fixed_len, minimum=self._min_len)
         if batch.shape[0] == 0:
             return np.zeros((0, len(self.labels)), dtype=np.float32)
-        rows = embedding.lookup(batch, out=_SCRATCH.get((*batch.shape, embedding.dim)))
+        lo, hi = int(batch.min()), int(batch.max())
+        if lo < 0 or hi >= embedding.rows:
+            bad = lo if lo < 0 else hi
+            raise BadRequest(
+                f"token id {bad} outside embedding {embedding.name!r} ({embedding.rows} rows)"
+            )
         try:
-            if self._feed_dropout:
-                out = self._run(batch, rows, self._keep_prob)
-            else:
-                out = self._run(batch, rows)
+            out = self._run(batch, *self._extra)
         except RuntimeError as exc:  # the session was closed under us
             if self._closed:
                 raise ModelNotReady(

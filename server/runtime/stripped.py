@@ -1,18 +1,21 @@
 """Format ``stripped``: trainable variables only (``model.ckpt.*``), graph rebuilt from model.json.
 
-The graph is :func:`server.graph.build_cnn` with ``lookup=None`` (``embedding/lookup`` is a
-placeholder), so it has no embedding variable at all; the checkpoint's variables are restored
-with ``tf.compat.v1.train.Saver(var_list=...)``. Checkpoint names and shapes are checked first,
-so a missing variable or a wrong architecture gives a one-line ArtifactError.
+The graph is :func:`server.graph.build_cnn` with :func:`server.runtime.lookup.add_lookup` as
+its lookup (the shared matrix is fed, never copied), so it has no embedding variable at all;
+the checkpoint's variables are restored with ``tf.compat.v1.train.Saver(var_list=...)``.
+Checkpoint names and shapes are checked first, so a missing variable or a wrong architecture
+gives a one-line ArtifactError.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 from server.artifact import ModelManifest
 from server.embeddings import EmbeddingStore, SharedEmbedding
 from server.errors import ArtifactError
+from server.runtime.lookup import Lookup, add_lookup
 from server.runtime.session_runtime import SessionRuntime, new_session, released_on_error
 from server.text import Tokenizer
 
@@ -69,8 +72,14 @@ def load_stripped(
             ) from exc
 
         graph = tf.Graph()
+        lookups: list[Lookup] = []
+
+        def lookup(ids: Any) -> Any:
+            lookups.append(add_lookup(embedding, ids))
+            return lookups[-1].rows
+
         with graph.as_default():
-            net = build_cnn(spec, lookup=None)
+            net = build_cnn(spec, lookup=lookup)
             variables = {v.op.name: v for v in tf.compat.v1.trainable_variables()}
             for name, var in variables.items():
                 if name not in stored:
@@ -105,7 +114,7 @@ def load_stripped(
         embedding=embedding,
         own_bytes=own_bytes,
         input_ids=net.input_x.name,
-        embedded=net.embedded.name,
+        lookup=lookups[0],
         output=net.probs.name,
         dropout=net.dropout_keep_prob.name if dropout is not None else None,
         apply_softmax=False,
