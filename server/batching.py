@@ -20,6 +20,13 @@ Scheduling policy (all times on the monotonic clock):
   when its batch is full or its oldest request has waited ``max_wait_ms``. On 2 shared cores 2
   in flight measured +5-12 % texts/s but more CPU per single text and a worse single-text p99
   (``docs/bench/README.md``), so 1 stays the default.
+* **A full batch is staged behind the running ones.** When ``max_in_flight`` predicts run and
+  ``max_batch_size`` texts are queued, one more batch is formed and handed to a worker thread,
+  which pads it and waits for a run slot (a semaphore of ``max_in_flight``): it starts the
+  moment a running predict ends, with no round trip through the event loop in between, and
+  TensorFlow still never runs more than ``max_in_flight`` of this model's predicts at once.
+  Partial batches are never staged, so single-text traffic still merges into the largest
+  batches it can (``stage_full_batches=False`` turns staging off).
 * ``in_worker`` runs other per-request work (the data plane tokenizes requests of many texts
   there) on the predicts' executor, so it overlaps a running predict instead of holding the
   event loop.
@@ -53,6 +60,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import functools
+import threading
 import time
 from collections import deque
 from collections.abc import Callable, Sequence
@@ -158,6 +166,7 @@ class Batcher:
         observer: BatchObserver | None = None,
         max_in_flight: int = 1,
         group_by_length: bool = True,
+        stage_full_batches: bool = True,
     ) -> None:
         if max_batch_size < 1:
             raise ValueError("max_batch_size must be >= 1")
@@ -177,6 +186,9 @@ class Batcher:
         self._observer = observer
         self._max_in_flight = max_in_flight
         self._group_by_length = group_by_length
+        self._stage_full = stage_full_batches
+        self._run_slots = threading.BoundedSemaphore(max_in_flight)
+        """Predicts running now; a staged batch's thread waits here (never the event loop)."""
 
         self._loop: asyncio.AbstractEventLoop | None = None
         self._queue: deque[_Request] = deque()
@@ -291,9 +303,19 @@ class Batcher:
         self._queue.append(req)
         req.queued = True
 
+    def _may_launch(self) -> bool:
+        """Below ``max_in_flight``, or room to stage one full batch behind the running ones."""
+        if self._in_flight < self._max_in_flight:
+            return True
+        return (
+            self._stage_full
+            and self._in_flight == self._max_in_flight
+            and self._depth >= self._max_batch
+        )
+
     def _dispatch(self, force: bool = False) -> None:
         """Start as many batches as the policy allows now; arm the fill timer otherwise."""
-        while self._queue and self._in_flight < self._max_in_flight:
+        while self._queue and self._may_launch():
             now = time.monotonic()
             if not force and not self._closing and self._depth < self._max_batch:
                 due = self._queue[0].enqueued + self._max_wait
@@ -349,11 +371,12 @@ class Batcher:
         afut.add_done_callback(functools.partial(self._on_batch_done, parts, len(texts)))
 
     def _execute(self, texts: list[Sequence[int]]) -> tuple[ProbArray, float]:
-        """Runs in the executor: pad to the longest text, predict, time the predict."""
+        """Runs in the executor: pad to the longest text, wait for a run slot, predict (timed)."""
         ids = self._pad(texts)
-        t0 = time.perf_counter()
-        probs = self._predict(ids)
-        elapsed = time.perf_counter() - t0
+        with self._run_slots:
+            t0 = time.perf_counter()
+            probs = self._predict(ids)
+            elapsed = time.perf_counter() - t0
         if probs.ndim != 2 or probs.shape[0] != len(texts):
             raise RuntimeError(
                 f"model {self.name}: predict returned shape {probs.shape} for {len(texts)} texts"

@@ -702,6 +702,7 @@ class Registry:
                     max_wait_ms=mv.batching.max_wait_ms,
                     max_queue=mv.batching.max_queue,
                     max_in_flight=mv.batching.max_in_flight,
+                    stage_full_batches=self.settings.stage_full_batches,
                     executor=self._inference,
                     name=f"{mc.name}:{number}",
                     observer=self.listener.batch_observer(mv) if self.listener else None,

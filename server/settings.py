@@ -43,6 +43,10 @@ class Settings(BaseSettings):
     override. 2 lets a batch start while another runs (needs inference_threads >= 2): on 2 shared
     cores +5-12 % texts/s, but more CPU per single text and a worse p99 (docs/bench/README.md)."""
 
+    stage_full_batches: bool = True
+    """Hand a full batch to an inference thread while ``max_in_flight`` predicts run: it is
+    padded and starts the moment one ends, without a round trip through the event loop."""
+
     max_texts_per_request: int = Field(default=1024, ge=1)
     """More texts in one request → 413."""
     max_text_chars: int = Field(default=20_000, ge=1)

@@ -13,6 +13,7 @@
 from __future__ import annotations
 
 import base64
+import re
 from pathlib import Path
 from typing import Any
 
@@ -242,3 +243,13 @@ def test_valid_v2_requests_are_accepted(
     assert infer.texts == batch
     assert infer.id == request_id
     assert infer.classification == (classification or 0)
+
+
+_UNICODE_RULE = re.compile(r"\w+(?:['\-.]\w+)*|[^\w\s]")
+"""The tokenizer's rule with Unicode classes and no fast path (what ``tokenize`` must equal)."""
+
+
+@given(st.text(alphabet=st.characters(max_codepoint=127), max_size=80))
+@settings(max_examples=2000, deadline=None)
+def test_the_ascii_fast_path_splits_like_the_unicode_rule(text: str) -> None:
+    assert tokenize(text, lowercase=False) == _UNICODE_RULE.findall(text)

@@ -324,14 +324,58 @@ def test_max_in_flight_two_runs_two_batches_at_once(pool: ThreadPoolExecutor) ->
         b.start()
         model.gate.clear()
         tasks = [asyncio.ensure_future(b.submit([[i + 2]])) for i in range(6)]
-        await wait_for(lambda: b.in_flight == 2)
-        # the lone first request started at once; the second predict waited for a full batch
-        assert b.queue_depth == 6 - 3
+        await wait_for(lambda: len(model.batches) == 2)
+        # the lone first request started at once, the second predict took a full batch, and
+        # one more full batch is staged behind them; the last text waits
+        await wait_for(lambda: b.in_flight == 3)
+        assert b.queue_depth == 6 - 5
+        await asyncio.sleep(0.05)
+        assert len(model.batches) == 2, "never more than max_in_flight predicts at once"
         model.gate.set()
         await asyncio.gather(*tasks)
 
     run(go)
     assert sum(len(x) for x in model.batches) == 6
+
+
+@pytest.mark.parametrize("stage", [True, False])
+def test_a_full_batch_is_staged_but_never_runs_beside_the_running_one(stage: bool) -> None:
+    model = GatedModel()
+    running = 0
+    most = 0
+    lock = threading.Lock()
+
+    def predict(ids: IdArray) -> ProbArray:
+        nonlocal running, most
+        with lock:
+            running += 1
+            most = max(most, running)
+        try:
+            return model.predict(ids)
+        finally:
+            with lock:
+                running -= 1
+
+    async def go() -> None:
+        with ThreadPoolExecutor(max_workers=4) as wide:
+            b = make(predict, wide, max_batch_size=4, stage_full_batches=stage)
+            b.start()
+            model.gate.clear()
+            first = asyncio.ensure_future(b.submit([[2]]))
+            await wait_for(model.started.is_set)
+            full = [asyncio.ensure_future(b.submit([[3]] * 4)) for _ in range(3)]
+            await asyncio.sleep(0.05)
+            # staged: one full batch handed to a thread (padded, waiting for the run slot);
+            # the other full request stays queued, so it can still merge or be cancelled
+            assert b.in_flight == (2 if stage else 1)
+            assert b.queue_depth == (8 if stage else 12)
+            assert len(model.batches) == 1
+            model.gate.set()
+            await asyncio.gather(first, *full)
+
+    run(go)
+    assert most == 1
+    assert [len(x) for x in model.batches] == [1, 4, 4, 4]
 
 
 # -- bounds and dropped work -----------------------------------------------------------------
@@ -341,7 +385,7 @@ def test_full_queue_raises_overloaded_at_once(pool: ThreadPoolExecutor) -> None:
     model = GatedModel()
 
     async def go() -> None:
-        b = make(model.predict, pool, max_queue=10)
+        b = make(model.predict, pool, max_queue=10, stage_full_batches=False)
         b.start()
         model.gate.clear()
         running = asyncio.ensure_future(b.submit([[2]]))

@@ -35,11 +35,12 @@ def test_setting_reads_the_environment_and_rejects_zero(monkeypatch: pytest.Monk
 
 
 async def _concurrent_predicts(registry: Registry, name: str) -> int:
-    """Predicts running right after a lone text and then a full batch were submitted.
+    """Batches handed to threads right after a lone text and then a full batch were submitted.
 
     The lone text starts at once (idle model); the full batch may start beside it only if the
-    version allows two predicts in flight. Both submits run in one loop iteration, before any
-    predict's completion callback can run, so the count does not depend on timing.
+    version allows two predicts in flight, or be staged behind it (``stage_full_batches``).
+    Both submits run in one loop iteration, before any predict's completion callback can run,
+    so the count does not depend on timing.
     """
     mv = registry.get(name)
     assert mv.batcher is not None
@@ -75,6 +76,15 @@ def test_models_yaml_overrides_the_server_default_and_the_batcher_obeys(repo: Pa
         assert await _concurrent_predicts(registry, "pos") == 2
         assert await _concurrent_predicts(registry, "noun") == 1
 
+    with_registry(settings(repo, max_wait_ms=0.0, stage_full_batches=False), body)
+
+
+def test_a_full_batch_is_staged_by_default(repo: Path) -> None:
+    only(repo, noun={"base_path": "noun-topic", "batching": {"max_batch_size": 8}})
+
+    async def body(registry: Registry) -> None:
+        assert await _concurrent_predicts(registry, "noun") == 2  # one running + one staged
+
     with_registry(settings(repo, max_wait_ms=0.0), body)
 
 
@@ -85,7 +95,7 @@ def test_server_setting_is_the_default_for_every_model(repo: Path) -> None:
         assert registry.get("noun").batching.max_in_flight == 2
         assert await _concurrent_predicts(registry, "noun") == 2
 
-    with_registry(settings(repo, max_wait_ms=0.0, max_in_flight=2), body)
+    with_registry(settings(repo, max_wait_ms=0.0, max_in_flight=2, stage_full_batches=False), body)
 
 
 def test_models_yaml_rejects_zero_in_flight(repo: Path) -> None:
