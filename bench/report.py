@@ -6,7 +6,8 @@ from pathlib import Path
 from typing import Any
 
 KINDS = {"batch": "64 texts/request", "single": "1 text/request"}
-SERVERS = ("textserve", "naive")
+SERVERS = ("textserve", "naive", "textserve-2w")
+WORKERS2_TITLE = "textserve --workers 2 --intra-op-threads 1"
 
 
 def _runs(model: dict[str, Any], server: str) -> list[dict[str, Any]]:
@@ -134,14 +135,42 @@ def _model_section(model: dict[str, Any]) -> list[str]:
         if info:
             mem = info.get("memory", {})
             lines.append("")
+            procs = mem.get("processes", 1)
             lines.append(
-                f"{s}: ready in {info['ready_s']:.1f} s; RSS {mem.get('rss', 0) / 2**20:,.0f} MiB, "
-                f"USS {mem.get('uss', 0) / 2**20:,.0f} MiB after the runs; "
-                f"settings {info.get('settings') or 'defaults'}."
+                f"{s}: ready in {info['ready_s']:.1f} s; {procs} process(es), RSS "
+                f"{mem.get('rss', 0) / 2**20:,.0f} MiB (summed), USS "
+                f"{mem.get('uss', 0) / 2**20:,.0f} MiB, PSS {mem.get('pss', 0) / 2**20:,.0f} MiB "
+                f"after the runs; settings {info.get('settings') or 'defaults'}."
             )
+    lines += _workers(model)
     lines += _ablation(model)
     lines += _batcher(model.get("batcher"))
     lines.append("")
+    return lines
+
+
+def _workers(model: dict[str, Any]) -> list[str]:
+    runs = _runs(model, "textserve-2w")
+    if not runs:
+        return []
+    rt = model["ceiling"]["runtime"]["texts_per_s"]
+    lines = [
+        "",
+        f"`{WORKERS2_TITLE}` (two processes on one port, same CPUs) vs the default one process:",
+        "",
+        "| request | conc. | 2 workers texts/s | p50 ms | p99 ms | CPU us/text | vs ceiling | "
+        "2w/naive texts/s | 1 process texts/s | 2w / 1 process |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in runs:
+        one = _get(_find(model, "textserve", r["kind"], r["connections"]), "texts_per_s")
+        paired = r.get("paired_ratio_vs_naive")
+        lines.append(
+            f"| {KINDS[r['kind']]} | {r['connections']} | {r['texts_per_s']:,.0f} | "
+            f"{r['p50_ms']:.1f} | {r['p99_ms']:.1f} | {_num(r.get('server_cpu_us_per_text'))} | "
+            f"{_ratio(r['texts_per_s'], rt)} | {'–' if paired is None else f'{paired:.2f}'} | "
+            f"{_num(one)} | {_ratio(r['texts_per_s'], one)} |"
+        )
     return lines
 
 
@@ -198,7 +227,7 @@ def plot(result: dict[str, Any], path: Path) -> Path:
 
     models = result["models"]
     fig, axes = plt.subplots(len(models), 3, figsize=(16, 4.2 * len(models)), squeeze=False)
-    styles = {"textserve": "-", "naive": "--"}
+    styles = {"textserve": "-", "naive": "--", "textserve-2w": "-."}
     markers = {"batch": "o", "single": "s"}
     for row, model in zip(axes, models, strict=True):
         tp, p99, cpu = row

@@ -31,6 +31,9 @@ from bench.wrk import run_wrk
 
 Log = Callable[[str], None]
 WAIT0 = "textserve-max-wait-0"
+WORKERS2 = "textserve-2w"
+WORKERS2_SETTINGS = {"workers": "2", "intra_op_threads": "1"}
+"""textserve with two worker processes sharing the port, one TensorFlow thread per op each."""
 
 
 @dataclass
@@ -47,6 +50,7 @@ class Options:
     batch_texts: int = 64
     ablation: bool = True
     effects: bool = True
+    workers_variant: bool = True
     command: str = ""
     log: Log = field(default=print)
 
@@ -159,6 +163,10 @@ def bench_model(key: str, glosses: Sequence[str], opts: Options) -> dict[str, An
         # All servers load at once; each then sits idle while another is measured.
         servers["textserve"] = start_textserve(model, workdir / "textserve.log", cpus)
         servers["naive"] = start_naive(model, workdir / "naive.log", cpus)
+        if opts.workers_variant:
+            servers[WORKERS2] = start_textserve(
+                model, workdir / "textserve-2w.log", cpus, WORKERS2_SETTINGS
+            )
         if ablation_points:
             servers[WAIT0] = start_textserve(
                 model, workdir / "textserve-wait0.log", cpus, {"max_wait_ms": "0"}
@@ -182,6 +190,8 @@ def bench_model(key: str, glosses: Sequence[str], opts: Options) -> dict[str, An
                 log(f"  ceiling   Runtime.predict {ceil_samples[-1].texts_per_s:10,.0f} texts/s")
                 for i, point in enumerate(points):
                     names = ["textserve", "naive"]
+                    if opts.workers_variant:
+                        names.append(WORKERS2)
                     if point in ablation_points:
                         names.append(WAIT0)
                     shift = (rep + i) % len(names)  # alternate who goes first
@@ -257,17 +267,19 @@ def _median_rate(rates: Sequence[ceiling.Rate]) -> dict[str, Any]:
 def _paired_ratios(
     results: dict[str, Any], samples: dict[str, dict[tuple[str, int], list[dict[str, Any]]]]
 ) -> None:
-    """textserve/naive per repetition (the two ran back to back), median over repetitions."""
-    for run in results["textserve"]["runs"]:
-        point = (run["kind"], run["connections"])
-        ts = samples["textserve"].get(point, [])
-        nv = samples["naive"].get(point, [])
-        ratios = [
-            a["texts_per_s"] / b["texts_per_s"]
-            for a, b in zip(ts, nv, strict=False)
-            if b["texts_per_s"] > 0
-        ]
-        run["paired_ratio_vs_naive"] = float(statistics.median(ratios)) if ratios else None
+    """textserve (each variant) / naive per repetition (they ran back to back), median over
+    repetitions."""
+    for name in ("textserve", WORKERS2):
+        for run in results.get(name, {}).get("runs", []):
+            point = (run["kind"], run["connections"])
+            ts = samples[name].get(point, [])
+            nv = samples["naive"].get(point, [])
+            ratios = [
+                a["texts_per_s"] / b["texts_per_s"]
+                for a, b in zip(ts, nv, strict=False)
+                if b["texts_per_s"] > 0
+            ]
+            run["paired_ratio_vs_naive"] = float(statistics.median(ratios)) if ratios else None
 
 
 def _mixed_lengths(glosses: Sequence[str], texts: Sequence[str], key: str) -> list[str]:

@@ -48,8 +48,21 @@ class Server:
         return total
 
     def memory(self) -> dict[str, int]:
-        info = psutil.Process(self.process.pid).memory_full_info()
-        return {"rss": int(info.rss), "uss": int(info.uss)}
+        """RSS, USS and PSS summed over the server and its children (``--workers`` processes).
+
+        Summed RSS counts pages the workers share (the mmap'd embedding, libraries) once per
+        worker; USS and PSS do not."""
+        proc = psutil.Process(self.process.pid)
+        total = {"rss": 0, "uss": 0, "pss": 0}
+        for p in [proc, *proc.children(recursive=True)]:
+            try:
+                info = p.memory_full_info()
+            except psutil.Error:
+                continue
+            for key in total:
+                total[key] += int(getattr(info, key))
+        total["processes"] = 1 + len(proc.children(recursive=True))
+        return total
 
 
 def free_port(host: str = "127.0.0.1") -> int:

@@ -63,6 +63,12 @@ class Forbidden(TextserveError):
     status = HTTPStatus.FORBIDDEN
 
 
+class Conflict(TextserveError):
+    """The request cannot be carried out in the server's current configuration."""
+
+    status = HTTPStatus.CONFLICT
+
+
 class ModelNotReady(TextserveError):
     """The model exists but is LOADING, FAILED or UNLOADING."""
 

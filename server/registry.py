@@ -314,10 +314,9 @@ class Registry:
         from server.embeddings import EmbeddingStore
 
         self._loop = asyncio.get_running_loop()
-        if self.settings.malloc_tuning:
-            allocator.tune()
         if self.settings.lean_tensorflow:
             allocator.lean_tensorflow()
+            allocator.tune()
         self._store = EmbeddingStore()
         self._inference = concurrent.futures.ThreadPoolExecutor(
             max_workers=self.settings.inference_threads, thread_name_prefix="textserve-infer"
@@ -780,7 +779,7 @@ class Registry:
             self._trim()
 
     def _trim(self) -> None:
-        if self.settings.malloc_tuning:
+        if self.settings.malloc_trim:
             allocator.trim()
 
     @staticmethod

@@ -25,6 +25,12 @@ class Settings(BaseSettings):
     log_level: str = "info"
     """Log level for textserve and uvicorn."""
 
+    workers: int = Field(default=1, ge=1, le=64)
+    """Server processes sharing the port (SO_REUSEPORT), each with its own TensorFlow and
+    sessions; the embedding's mmap'd pages are shared. On 2 cores, 2 workers with
+    ``intra_op_threads=1`` measured 0.99 of the in-process ceiling for 64-text requests
+    (1 worker: 0.73) at ~+330 MiB private memory per extra worker (docs/bench/README.md).
+    With more than one, admin load/unload answer 409 and /v1/memory describes one worker."""
     intra_op_threads: int = Field(default=2, ge=0)
     """TensorFlow intra-op threads per session (0 = TensorFlow's default)."""
     inter_op_threads: int = Field(default=1, ge=0)
@@ -58,13 +64,14 @@ class Settings(BaseSettings):
 
     warmup: bool = True
     """Run each model on a few batch shapes before marking it READY."""
-    malloc_tuning: bool = True
-    """glibc only: fix malloc's mmap threshold at start-up and return free heap pages to the
-    kernel (``malloc_trim``) after each model load and unload (``server/allocator.py``)."""
+    malloc_trim: bool = True
+    """glibc only: after each model load and unload, return free heap pages to the kernel
+    (``malloc_trim``: a load's temporaries, an unloaded model's graph)."""
     lean_tensorflow: bool = False
     """Memory over speed: TensorFlow's oneDNN ops allocate with malloc instead of a pool that
-    keeps its peak (``TF_ONEDNN_USE_SYSTEM_ALLOCATOR``). Measured on ten seed-scale models:
-    ~17 MiB less RSS at rest, ~30 % slower batches (docs/memory/README.md)."""
+    keeps its peak (``TF_ONEDNN_USE_SYSTEM_ALLOCATOR``), and glibc's mmap threshold is fixed so
+    large blocks go back to the kernel when freed. Ten seed-scale models: ~17 MiB less RSS at
+    rest, batches ~15-30 % slower (docs/memory/README.md)."""
     memory_sample_interval_s: float = Field(default=5.0, gt=0)
     """How often process memory (RSS/USS/PSS) is sampled."""
     drain_timeout_s: float = Field(default=30.0, ge=0)

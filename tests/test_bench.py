@@ -49,7 +49,8 @@ def test_quick_bench_runs_and_reports(
     assert ceiling["tokenize"]["texts_per_s"] > 0
     assert ceiling["runtime"]["cpu_us_per_text"] > 0
 
-    for server in ("textserve", "naive"):
+    assert model["servers"]["textserve-2w"]["memory"]["processes"] == 3  # supervisor + 2
+    for server in ("textserve", "naive", "textserve-2w"):
         runs = model["servers"][server]["runs"]
         points = {(r["kind"], r["connections"]) for r in runs}
         assert points == {("batch", 1), ("batch", 8), ("single", 1), ("single", 8)}

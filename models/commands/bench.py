@@ -83,6 +83,11 @@ def configure(parser: argparse.ArgumentParser) -> None:
         "--no-ablation", action="store_true", help="skip the max_wait_ms=0 textserve runs"
     )
     parser.add_argument(
+        "--no-workers",
+        action="store_true",
+        help="skip the `--workers 2 --intra-op-threads 1` textserve runs",
+    )
+    parser.add_argument(
         "--report-from",
         type=Path,
         default=None,
@@ -130,6 +135,7 @@ def run(args: argparse.Namespace) -> int:
         demo_repo=args.demo_repo,
         server_cpus=cpus,
         ablation=not (quick or args.no_ablation),
+        workers_variant=not args.no_workers,
         command="textserve " + shlex.join(sys.argv[1:]),
         log=lambda line: print(line, flush=True),
     )

@@ -184,14 +184,15 @@ def _baseline() -> dict[str, Any]:
 def _serve_case(spec: dict[str, Any]) -> dict[str, Any]:
     """N model versions loaded by textserve's own loader, then timed and evaluated.
 
-    As in the server (``Registry``, ``malloc_tuning`` on): glibc's mmap threshold is fixed
-    before anything is measured, and free heap pages are trimmed after each load + warm-up.
+    As in the server (``Registry``): free heap pages are trimmed after each load + warm-up
+    (``malloc_trim``); lean cases set ``lean_tensorflow`` (and its fixed mmap threshold) before
+    TensorFlow is imported.
     """
     from server import allocator
 
-    allocator.tune()
     if spec.get("lean"):
         allocator.lean_tensorflow()
+        allocator.tune()
     base = _baseline()
     from server.embeddings import EmbeddingStore
     from server.registry import warm_up

@@ -106,7 +106,10 @@ async def _freeze_after_load(registry: Registry) -> None:
     gc.freeze()
 
 
-def create_app(settings: Settings) -> FastAPI:
+def create_app(settings: Settings, *, serve_when_loaded: bool = False) -> FastAPI:
+    """The ASGI app. ``serve_when_loaded``: the lifespan's startup waits for the first load pass,
+    so uvicorn starts listening only then (a ``--workers`` worker: while it loads, the other
+    workers keep the port's connections instead of it answering 503)."""
     prometheus = Metrics(CollectorRegistry())
     monitor = MemoryMonitor(settings.memory_sample_interval_s)
     registry = Registry(settings, listener=RegistryMetrics(prometheus), memory=monitor)
@@ -124,6 +127,8 @@ def create_app(settings: Settings) -> FastAPI:
         monitor.start()
         try:
             await registry.start()
+            if serve_when_loaded:
+                await registry.wait_loaded()
             freeze = asyncio.ensure_future(_freeze_after_load(registry))
             try:
                 yield

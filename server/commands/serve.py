@@ -1,4 +1,4 @@
-"""``textserve serve``: serve a model repository over HTTP (uvicorn, one process).
+"""``textserve serve``: serve a model repository over HTTP (uvicorn; ``--workers N`` processes).
 
 Settings come from :class:`~server.settings.Settings` (environment ``TEXTSERVE_*``, ``.env``);
 flags given on the command line override them. uvicorn runs with uvloop and httptools, the
@@ -31,6 +31,7 @@ _FLAGS: dict[str, tuple[type, str]] = {
     "host": (str, "address to bind"),
     "port": (int, "TCP port (0 picks a free one)"),
     "log_level": (str, "log level (debug, info, warning, error)"),
+    "workers": (int, "server processes sharing the port (SO_REUSEPORT); default 1"),
     "intra_op_threads": (int, "TensorFlow intra-op threads per session"),
     "inter_op_threads": (int, "TensorFlow inter-op threads per session"),
     "inference_threads": (int, "threads running session.run (shared by all models)"),
@@ -60,6 +61,8 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--access-log", action="store_true", help="log every request (slower; off by default)"
     )
+    parser.add_argument("--reuse-port", action="store_true", help=argparse.SUPPRESS)
+    # --reuse-port: run as one of --workers N (bind with SO_REUSEPORT); set by the supervisor.
 
 
 def settings_from(args: argparse.Namespace) -> Settings:
@@ -91,8 +94,13 @@ def run(args: argparse.Namespace) -> int:
 
     level = settings.log_level.upper()
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    worker = bool(getattr(args, "reuse_port", False))
+    if settings.workers > 1 and not worker:
+        from server.supervisor import Supervisor
+
+        return Supervisor(settings, access_log=bool(args.access_log)).run()
     config = uvicorn.Config(
-        create_app(settings),
+        create_app(settings, serve_when_loaded=worker),
         host=settings.host,
         port=settings.port,
         loop="uvloop",
@@ -104,7 +112,13 @@ def run(args: argparse.Namespace) -> int:
         server_header=False,
     )
     server = _server_class()(config)
-    server.run()
+    if worker:
+        from server.supervisor import reuse_port_socket
+
+        # Bound, not listening: uvicorn listens after the lifespan startup (models loaded).
+        server.run(sockets=[reuse_port_socket(settings.host, settings.port, listen=False)])
+    else:
+        server.run()
     return 0 if server.started else 1
 
 

@@ -35,7 +35,7 @@ from server.api.body import json_response, read_json_object
 from server.api.paths import V2_REPOSITORY_MODEL
 from server.api.schemas import ErrorResponse
 from server.dataplane import DataPlane
-from server.errors import BadRequest, ConfigError, Forbidden, Unauthorized
+from server.errors import BadRequest, ConfigError, Conflict, Forbidden, Unauthorized
 from server.registry import ModelVersion, VersionState
 
 ADMIN_BODY_LIMIT = 64 * 1024
@@ -117,6 +117,15 @@ def router(plane: DataPlane) -> APIRouter:
 
     api = APIRouter(tags=["admin"], dependencies=[Depends(authorize)])
 
+    def single_process() -> None:
+        """Load/unload change one process's registry; with several workers that would leave
+        the others serving the old set, so it is refused."""
+        if settings.workers > 1:
+            raise Conflict(
+                f"load/unload act on one process and this server runs {settings.workers} "
+                "workers: change models.yaml and restart (or roll the replicas) instead"
+            )
+
     async def optional_object(request: Request) -> dict[str, Any]:
         """The JSON object body, or {} for an empty body (Triton's clients send none)."""
         if request.headers.get("content-length") in (None, "0") and not request.headers.get(
@@ -167,6 +176,7 @@ def router(plane: DataPlane) -> APIRouter:
         openapi_extra=_LOAD_BODY,
     )
     async def load(name: str, request: Request) -> Response:
+        single_process()
         body = await optional_object(request)
         if set(body) - {"parameters"}:
             raise BadRequest("unknown field; the load body takes 'parameters' only")
@@ -199,6 +209,7 @@ def router(plane: DataPlane) -> APIRouter:
         openapi_extra=_UNLOAD_BODY,
     )
     async def unload(name: str, request: Request) -> Response:
+        single_process()
         body = await optional_object(request)
         if set(body) - {"parameters"}:
             raise BadRequest("unknown field; the unload body takes 'parameters' only")

@@ -1,0 +1,240 @@
+"""Several ``textserve serve`` worker processes on one port (``--workers N``).
+
+Why: one process runs all HTTP parsing, JSON and tokenizing on one event-loop thread, which
+on a small machine leaves a core idle while TensorFlow waits for the next batch. N workers
+each bind the same address with ``SO_REUSEPORT``; the kernel spreads connections over them by
+hash, and each worker runs its own registry, batchers and sessions. The embedding files are
+memory-mapped, so their pages are shared between the workers; each worker pays for its own
+TensorFlow runtime and per-model state (docs/bench/README.md has the measured trade).
+
+This module is the parent. It:
+
+* resolves the port once (``--port 0`` picks a free one for all workers, held by a bound,
+  non-listening ``SO_REUSEPORT`` socket so no other program takes it meanwhile);
+* runs each worker as ``python -m server.cli serve --reuse-port --port P`` with the parent's
+  effective settings in ``TEXTSERVE_*`` variables, and an empty ``PROMETHEUS_MULTIPROC_DIR``
+  (on ``/dev/shm`` when it exists) so ``/metrics`` from any worker sums all of them
+  (:mod:`server.metrics`);
+* restarts a worker that exits on its own (after marking its metrics dead), unless workers
+  keep dying within :data:`FAST_EXIT_S` of their start :data:`MAX_FAST_EXITS` times in a row
+  (a broken repository, a port in use): then it stops all of them and exits 1;
+* on SIGTERM/SIGINT forwards SIGTERM to every worker (each drains its requests, see
+  ``textserve serve``), waits ``drain_timeout_s`` + :data:`STOP_GRACE_S`, kills stragglers,
+  and exits 0 if every worker exited 0.
+
+All timeouts use the monotonic clock.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import FrameType
+
+from server.metrics import MULTIPROC_ENV
+from server.settings import Settings
+
+log = logging.getLogger("textserve.supervisor")
+
+FAST_EXIT_S = 10.0
+"""A worker that exits sooner than this after its start counts as failing to start."""
+MAX_FAST_EXITS = 3
+"""This many fast exits in a row stop the server (exit status 1)."""
+STOP_GRACE_S = 10.0
+"""Beyond ``drain_timeout_s``, how long workers get to exit before SIGKILL."""
+POLL_S = 0.2
+
+
+def reuse_port_socket(host: str, port: int, *, listen: bool) -> socket.socket:
+    """A TCP socket bound to ``host:port`` with ``SO_REUSEPORT`` (Linux, BSD). Until it listens
+    the kernel gives it no connections: a worker's socket listens once its models are loaded."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        sock.bind((host, port))
+        if listen:
+            sock.listen(2048)
+            sock.setblocking(False)
+    except BaseException:
+        sock.close()
+        raise
+    return sock
+
+
+def _die_with_parent() -> None:
+    """In the forked child: SIGTERM when the parent dies (Linux ``PR_SET_PDEATHSIG``)."""
+    if sys.platform.startswith("linux"):
+        import ctypes
+
+        pr_set_pdeathsig = 1
+        ctypes.CDLL(None).prctl(pr_set_pdeathsig, int(signal.SIGTERM))
+
+
+def worker_environment(settings: Settings, metrics_dir: Path) -> dict[str, str]:
+    """The parent's environment plus every effective setting as ``TEXTSERVE_<NAME>``."""
+    env = dict(os.environ)
+    for name, value in settings.model_dump().items():
+        key = f"TEXTSERVE_{name.upper()}"
+        if value is None:
+            env.pop(key, None)
+            continue
+        if hasattr(value, "get_secret_value"):
+            value = value.get_secret_value()
+        env[key] = str(value).lower() if isinstance(value, bool) else str(value)
+    env["TEXTSERVE_WORKERS"] = str(settings.workers)
+    env[MULTIPROC_ENV] = str(metrics_dir)
+    return env
+
+
+@dataclass
+class _Worker:
+    index: int
+    process: subprocess.Popen[bytes]
+    started: float = field(default_factory=time.monotonic)
+
+
+class Supervisor:
+    """Starts, restarts and stops ``settings.workers`` worker processes."""
+
+    def __init__(self, settings: Settings, *, access_log: bool = False) -> None:
+        self.settings = settings
+        self.access_log = access_log
+        self._stop = threading.Event()
+        self._workers: dict[int, _Worker] = {}
+        self._fast_exits = 0
+        self.port = settings.port
+
+    def run(self) -> int:
+        """Serve until SIGTERM/SIGINT (exit 0 if every worker drained cleanly) or until workers
+        keep failing to start (exit 1)."""
+        with self._port_reserved(), self._metrics_dir() as metrics_dir, self._signals():
+            env = worker_environment(
+                self.settings.model_copy(update={"port": self.port}), metrics_dir
+            )
+            log.info(
+                "textserve: %d workers on %s:%d",
+                self.settings.workers,
+                self.settings.host,
+                self.port,
+            )
+            for index in range(self.settings.workers):
+                self._spawn(index, env)
+            failed = self._watch(env, metrics_dir)
+            codes = self._stop_all()
+        return 1 if failed or any(code != 0 for code in codes) else 0
+
+    # -- lifecycle -------------------------------------------------------------------------
+
+    def _command(self) -> list[str]:
+        cmd = [sys.executable, "-m", "server.cli", "serve", "--reuse-port"]
+        cmd += ["--port", str(self.port)]
+        return [*cmd, "--access-log"] if self.access_log else cmd
+
+    def _spawn(self, index: int, env: dict[str, str]) -> None:
+        # Own session: a terminal's Ctrl-C reaches the parent only, which sends one SIGTERM
+        # (a second signal would make uvicorn skip the drain). Parent-death signal: a killed
+        # parent takes its workers with it.
+        process = subprocess.Popen(
+            self._command(), env=env, start_new_session=True, preexec_fn=_die_with_parent
+        )
+        self._workers[index] = _Worker(index, process)
+        log.info("worker %d started (pid %d)", index, process.pid)
+
+    def _watch(self, env: dict[str, str], metrics_dir: Path) -> bool:
+        """Restart workers that exit until asked to stop. True if they keep failing."""
+        from prometheus_client import multiprocess
+
+        while not self._stop.wait(POLL_S):
+            for index, worker in list(self._workers.items()):
+                code = worker.process.poll()
+                if code is None:
+                    continue
+                lived = time.monotonic() - worker.started
+                multiprocess.mark_process_dead(  # type: ignore[no-untyped-call]
+                    worker.process.pid, str(metrics_dir)
+                )
+                log.error(
+                    "worker %d (pid %d) exited with status %s after %.1f s",
+                    index,
+                    worker.process.pid,
+                    code,
+                    lived,
+                )
+                self._fast_exits = self._fast_exits + 1 if lived < FAST_EXIT_S else 0
+                if self._fast_exits >= MAX_FAST_EXITS:
+                    log.error("workers keep failing to start; stopping the server")
+                    del self._workers[index]
+                    return True
+                self._spawn(index, env)
+        return False
+
+    def _stop_all(self) -> list[int]:
+        """SIGTERM every worker, wait for the drain, SIGKILL what is left; exit statuses."""
+        for worker in self._workers.values():
+            with contextlib.suppress(ProcessLookupError):
+                worker.process.send_signal(signal.SIGTERM)
+        deadline = time.monotonic() + self.settings.drain_timeout_s + STOP_GRACE_S
+        codes = []
+        for worker in self._workers.values():
+            remaining = max(0.0, deadline - time.monotonic())
+            try:
+                codes.append(worker.process.wait(timeout=remaining))
+            except subprocess.TimeoutExpired:
+                log.error("worker %d did not stop in time; killing it", worker.index)
+                worker.process.kill()
+                codes.append(worker.process.wait())
+        return codes
+
+    # -- resources ---------------------------------------------------------------------------
+
+    @contextlib.contextmanager
+    def _port_reserved(self) -> Iterator[None]:
+        """With ``--port 0``: pick one free port for all workers and hold it while they run."""
+        if self.port != 0:
+            yield
+            return
+        holder = reuse_port_socket(self.settings.host, 0, listen=False)
+        self.port = int(holder.getsockname()[1])
+        try:
+            yield
+        finally:
+            holder.close()
+
+    @contextlib.contextmanager
+    def _metrics_dir(self) -> Iterator[Path]:
+        shm = Path("/dev/shm")
+        path = Path(
+            tempfile.mkdtemp(prefix="textserve-metrics-", dir=shm if shm.is_dir() else None)
+        )
+        try:
+            yield path
+        finally:
+            shutil.rmtree(path, ignore_errors=True)
+
+    @contextlib.contextmanager
+    def _signals(self) -> Iterator[None]:
+        def stop(signum: int, frame: FrameType | None) -> None:
+            log.info("received %s; stopping the workers", signal.Signals(signum).name)
+            self._stop.set()
+
+        handled = (signal.SIGINT, signal.SIGTERM)
+        previous = {sig: signal.signal(sig, stop) for sig in handled}
+        try:
+            yield
+        finally:
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
