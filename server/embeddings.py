@@ -1,9 +1,10 @@
 """The process-wide embedding store: one copy of each distinct embedding, shared by all models.
 
-Serving cuts every graph at ``embedding/lookup``: a runtime gathers the rows of a batch from a
-:class:`SharedEmbedding` here and feeds them to its session, so no session ever holds a copy of
-a shared matrix. Embeddings are keyed by content (sha256), so two models — or a model and a
-matrix cut out of a self-contained graph — that use the same bytes share one copy.
+Serving cuts every graph at ``embedding/lookup`` and puts a gather there whose matrix is fed
+from a :class:`SharedEmbedding` here on every run, without a copy
+(:mod:`server.runtime.lookup`), so no session ever holds a copy of a shared matrix.
+Embeddings are keyed by content (sha256), so two models — or a model and a matrix cut out of a
+self-contained graph — that use the same bytes share one copy.
 
 Sources:
 
