@@ -1,8 +1,8 @@
 """In-process ceilings: how fast the model itself runs, with no HTTP in the way.
 
 * ``runtime``: the server's own :class:`~server.runtime.base.Runtime` (same loader, same thread
-  settings), ``predict`` on pre-tokenized, padded batches of 64 texts; embedding rows gathered
-  from the shared store and fed.
+  settings), ``predict`` on pre-tokenized, padded batches of 64 texts (the gather runs inside
+  the session, from the shared store's matrix).
 * ``raw``: for reference, one ``session.run`` of the same architecture with the embedding as a
   graph variable and the gather inside the graph (weights random: speed does not depend on
   them). Only for models with an ``architecture`` in model.json.

@@ -79,12 +79,12 @@ def _model_section(model: dict[str, Any]) -> list[str]:
         "",
         "| in-process ceiling (batch 64) | texts/s | median call ms | CPU us/text |",
         "|---|---:|---:|---:|",
-        f"| `Runtime.predict` (server's runtime, fed gather) | {rt:,.0f} | "
+        f"| `Runtime.predict` (the server's runtime) | {rt:,.0f} | "
         f"{ceiling['runtime']['p50_ms']:.2f} | {_cpu(ceiling['runtime'])} |",
     ]
     if raw:
         lines.append(
-            f"| raw `session.run`, gather inside the graph | {raw['texts_per_s']:,.0f} | "
+            f"| raw `session.run`, embedding as a graph variable | {raw['texts_per_s']:,.0f} | "
             f"{raw['p50_ms']:.2f} | {_cpu(raw)} |"
         )
     if tok:

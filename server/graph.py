@@ -14,9 +14,9 @@ The max-pool only looks at windows inside ``max(length, widest filter)`` tokens,
 gives the same probabilities whatever it is padded to: a batch of mixed lengths answers
 exactly what each text would answer alone.
 
-``embedding/lookup`` is where serving cuts the graph: the server gathers rows from the shared
-embedding store (numpy, one copy per process) and feeds them there. Training builds the same
-name as ``tf.identity`` of an in-graph gather.
+``embedding/lookup`` is where serving cuts the graph: the server puts there a gather from the
+shared embedding store's matrix, fed on every run without a copy (:mod:`server.runtime.lookup`).
+Training builds the same name as ``tf.identity`` of an in-graph gather.
 """
 
 from __future__ import annotations

@@ -6,7 +6,8 @@ whose params are a 2-D float ``Const`` — directly, or through ``Identity`` nod
 node (or the ``Identity`` naming it, e.g. textserve's ``embedding/lookup``) with a float32
 ``Placeholder`` of the same name and shape ``[None, T or None, D]``, drops the nodes nobody
 needs any more (``tf.compat.v1.graph_util.extract_sub_graph``) and hands the matrix back as
-numpy. The runtime then gathers rows from the shared copy and feeds them under that name.
+numpy. The runtime then maps that placeholder to its own gather from the shared copy
+(:mod:`server.runtime.lookup`).
 
 Why: TensorFlow copies a large graph constant several times on a session's first run (graph
 optimisation and constant folding): for a 220k x 300 float32 matrix that first run took
