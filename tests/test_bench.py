@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -86,3 +87,18 @@ def test_quick_bench_writes_markdown_and_png(
     assert f"| 64 texts/request | 8 | {ts['texts_per_s']:,.0f} |" in md
     assert "ts/naive" in md
     assert (out / "bench.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_session_overhead_script_reports_a_positive_floor() -> None:
+    done = subprocess.run(
+        [sys.executable, "-m", "bench.session_overhead", "--models", "3"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+        cwd=Path(__file__).resolve().parent.parent,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    match = re.search(r"without a run: ([0-9.]+) MiB anonymous memory per model", done.stdout)
+    assert match, done.stdout
+    assert 0.05 < float(match.group(1)) < 50
