@@ -192,7 +192,10 @@ class Supervisor:
         for worker in self._workers.values():
             remaining = max(0.0, deadline - time.monotonic())
             try:
-                codes.append(worker.process.wait(timeout=remaining))
+                code = worker.process.wait(timeout=remaining)
+                # Killed by our SIGTERM before it had installed its handlers (still importing):
+                # it stopped because we asked, like a drained exit.
+                codes.append(0 if code == -signal.SIGTERM else code)
             except subprocess.TimeoutExpired:
                 log.error("worker %d did not stop in time; killing it", worker.index)
                 worker.process.kill()

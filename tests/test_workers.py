@@ -127,6 +127,7 @@ def test_a_killed_worker_is_replaced_and_sigterm_stops_everything(
     served = start_serve(repo, "--workers", "2", log=tmp_path / "serve.log")
     try:
         wait_until(lambda: len(workers_of(served)) == 2, 30, "two workers")
+        wait_until(lambda: all(listening(w) for w in workers_of(served)), 120, "both listening")
         victim = workers_of(served)[0]
         victim.send_signal(signal.SIGKILL)
         wait_until(
@@ -137,7 +138,7 @@ def test_a_killed_worker_is_replaced_and_sigterm_stops_everything(
             30,
             "a replacement worker",
         )
-        for _ in range(20):  # the survivor answers meanwhile; then the replacement too
+        for _ in range(20):  # the survivor answers while the replacement loads
             assert (
                 httpx.post(f"{served.url}{CLASSIFY}", json={"texts": ["a dog"]}).status_code == 200
             )

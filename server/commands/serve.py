@@ -119,18 +119,27 @@ def run(args: argparse.Namespace) -> int:
         server.run(sockets=[reuse_port_socket(settings.host, settings.port, listen=False)])
     else:
         server.run()
-    return 0 if server.started else 1
+    # A SIGTERM while still loading (a --workers worker stopped by its supervisor) is an
+    # orderly stop too; only a failed startup with nobody asking to stop is an error.
+    return 0 if server.started or server.signalled else 1
 
 
 def _server_class() -> type[Any]:
     import uvicorn
 
     class Server(uvicorn.Server):
-        """uvicorn's server, except that a drained shutdown on SIGTERM/SIGINT exits with 0.
+        """uvicorn's server, except that a drained shutdown on SIGTERM/SIGINT exits with 0, also
+        when the signal came before startup finished.
 
         (uvicorn re-raises the signal after its graceful shutdown, so the process would die of
         it — status 143 — after having finished every request.)
         """
+
+        signalled = False
+
+        def handle_exit(self, sig: int, frame: Any) -> None:
+            self.signalled = True
+            super().handle_exit(sig, frame)
 
         @contextlib.contextmanager
         def capture_signals(self) -> Iterator[None]:
