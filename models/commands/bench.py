@@ -85,7 +85,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--no-workers",
         action="store_true",
-        help="skip the `--workers 2 --intra-op-threads 1` textserve runs",
+        help="skip the `--workers 2` textserve runs",
     )
     parser.add_argument(
         "--report-from",
