@@ -141,6 +141,13 @@ class SharedEmbedding:
             f"sha256={self.sha256[:12]}, users={self._users})"
         )
 
+    def check_ids(self, ids: npt.NDArray[np.integer[Any]]) -> None:
+        """Ids outside ``[0, rows)`` are a :class:`~server.errors.BadRequest`; ``ids`` not empty."""
+        lo, hi = int(ids.min()), int(ids.max())
+        if lo < 0 or hi >= self.rows:
+            bad = lo if lo < 0 else hi
+            raise BadRequest(f"token id {bad} outside embedding {self.name!r} ({self.rows} rows)")
+
     def lookup(
         self, ids: npt.NDArray[np.integer[Any]], out: FloatArray | None = None
     ) -> FloatArray:
@@ -163,10 +170,7 @@ class SharedEmbedding:
             )
         if ids.size == 0:
             return out
-        lo, hi = int(ids.min()), int(ids.max())
-        if lo < 0 or hi >= self.rows:
-            bad = lo if lo < 0 else hi
-            raise BadRequest(f"token id {bad} outside embedding {self.name!r} ({self.rows} rows)")
+        self.check_ids(ids)
         # Bounds are checked above, so mode="clip" never clips; it lets np.take write straight
         # into ``out`` (mode="raise" buffers the result and copies it, ~2x slower).
         if self.dtype is EmbeddingDtype.FLOAT32:

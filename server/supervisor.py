@@ -95,7 +95,6 @@ def worker_environment(settings: Settings, metrics_dir: Path) -> dict[str, str]:
         if hasattr(value, "get_secret_value"):
             value = value.get_secret_value()
         env[key] = str(value).lower() if isinstance(value, bool) else str(value)
-    env["TEXTSERVE_WORKERS"] = str(settings.workers)
     env[MULTIPROC_ENV] = str(metrics_dir)
     return env
 

@@ -209,9 +209,7 @@ class Tokenizer:
         else:
             longest = int(lengths.max()) if len(lengths) else 0
             length = min(max(longest, spec.min_len), max(spec.max_len, spec.min_len))
-        out = np.zeros((len(encoded), length), dtype=np.int32)
-        if PAD_ID != 0:  # pragma: no cover - PAD_ID is 0; kept honest if that ever changes
-            out.fill(PAD_ID)
+        out = np.full((len(encoded), length), PAD_ID, dtype=np.int32)
         if len(lengths) == 0 or length == 0:
             return out
         if int(lengths.max()) > length:

@@ -27,6 +27,7 @@ Either way the session never sees a large constant, so its first run is as fast 
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -37,6 +38,7 @@ from server.graph_surgery import (
     constant_bytes,
     cut_embedding,
     node_name,
+    nodes_by_name,
     read_graph_def,
     require_nodes,
     tensor_name,
@@ -49,14 +51,21 @@ from server.text import Tokenizer
 MODEL_PB = "model.pb"
 
 
-def graph_of(graph_def: Any, where: Path) -> Any:
-    """A finalized ``tf.Graph`` of ``graph_def``; one TensorFlow refuses is an ArtifactError."""
+def graph_of(
+    graph_def: Any, where: Path, input_map: Callable[[], dict[str, Any]] | None = None
+) -> Any:
+    """A finalized ``tf.Graph`` of ``graph_def``; one TensorFlow refuses is an ArtifactError.
+
+    ``input_map`` (called inside the new graph, before the import) may add nodes and returns
+    ``import_graph_def``'s input map: graph tensor name → the added tensor replacing it.
+    """
     import tensorflow as tf
 
     graph = tf.Graph()
     try:
         with graph.as_default():
-            tf.compat.v1.import_graph_def(graph_def, name="")
+            mapping = input_map() if input_map is not None else None
+            tf.compat.v1.import_graph_def(graph_def, input_map=mapping, name="")
     except (ValueError, tf.errors.OpError) as exc:
         message = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise ArtifactError(f"{where}: cannot import the graph: {message}") from exc
@@ -68,25 +77,24 @@ def _has_node(graph_def: Any, name: str | None) -> bool:
     return name is not None and any(n.name == node_name(name) for n in graph_def.node)
 
 
-def _node(graph_def: Any, name: str) -> Any:
-    wanted = node_name(name)
-    for node in graph_def.node:
-        if node.name == wanted:
-            return node
-    raise ArtifactError(f"the graph has no node {wanted!r}")
+def _placeholder_type(node: Any) -> tuple[Any, Any]:
+    """``node``'s dtype and (possibly unknown) shape, from its attributes."""
+    import tensorflow as tf
+
+    shape = tf.TensorShape(node.attr["shape"].shape) if "shape" in node.attr else None
+    return tf.as_dtype(node.attr["dtype"].type), shape
 
 
 def _placeholder_like(node: Any, where: Path) -> Any:
     """A new int placeholder with ``node``'s dtype and shape (the model's ids input)."""
     import tensorflow as tf
 
-    dtype = tf.as_dtype(node.attr["dtype"].type)
+    dtype, shape = _placeholder_type(node)
     if node.op != "Placeholder" or dtype not in (tf.int32, tf.int64):
         raise ArtifactError(
             f"{where}: input {node.name!r} must be an int32/int64 Placeholder, got {node.op} "
             f"{dtype.name}"
         )
-    shape = tf.TensorShape(node.attr["shape"].shape) if "shape" in node.attr else None
     return tf.compat.v1.placeholder(dtype, shape, name="input_ids")
 
 
@@ -94,13 +102,12 @@ def _check_embedded(node: Any, embedding: SharedEmbedding, where: Path) -> None:
     """The node the lookup replaces: a float32 placeholder of the embedding's width."""
     import tensorflow as tf
 
-    dtype = tf.as_dtype(node.attr["dtype"].type)
+    dtype, shape = _placeholder_type(node)
     if node.op != "Placeholder" or dtype != tf.float32:
         raise ArtifactError(
             f"{where}: {node.name} must be a float32 placeholder the runtime feeds, got "
             f"{node.op} {dtype.name}"
         )
-    shape = tf.TensorShape(node.attr["shape"].shape) if "shape" in node.attr else None
     dim = shape[-1] if shape is not None and shape.rank else None
     if dim is not None and dim != embedding.dim:
         raise ArtifactError(
@@ -118,23 +125,19 @@ def graph_with_lookup(
     new ids tensor's name and the lookup."""
     import tensorflow as tf
 
-    ids_node = _node(graph_def, input_ids)
-    _check_embedded(_node(graph_def, embedded), embedding, where)
-    graph = tf.Graph()
-    try:
-        with graph.as_default(), tf.name_scope(LOOKUP_SCOPE):
-            ids = _placeholder_like(ids_node, where)
-            lookup = add_lookup(embedding, ids)
-        with graph.as_default():
-            tf.compat.v1.import_graph_def(
-                graph_def,
-                input_map={tensor_name(input_ids): ids, tensor_name(embedded): lookup.rows},
-                name="",
-            )
-    except (ValueError, tf.errors.OpError) as exc:
-        message = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise ArtifactError(f"{where}: cannot import the graph: {message}") from exc
-    graph.finalize()
+    require_nodes(graph_def, [input_ids, embedded], str(where))
+    nodes = nodes_by_name(graph_def)
+    _check_embedded(nodes[node_name(embedded)], embedding, where)
+    added: list[tuple[Any, Lookup]] = []
+
+    def lookup_in_front() -> dict[str, Any]:
+        with tf.name_scope(LOOKUP_SCOPE):
+            ids = _placeholder_like(nodes[node_name(input_ids)], where)
+            added.append((ids, add_lookup(embedding, ids)))
+        return {tensor_name(input_ids): ids, tensor_name(embedded): added[0][1].rows}
+
+    graph = graph_of(graph_def, where, lookup_in_front)
+    ids, lookup = added[0]
     return graph, ids.name, lookup
 
 

@@ -118,12 +118,12 @@ class SessionRuntime(Runtime):
             self._check_vocabulary()
             fetch = self._tensor(output)
             feeds = [self._tensor(input_ids), *(tensor for tensor, _ in lookup.feeds)]
-            self._tables = tuple(array for _, array in lookup.feeds)
-            self._keep_prob = np.array(1.0, dtype=np.float32)
-            self._extra = self._tables
+            extra: tuple[Any, ...] = tuple(array for _, array in lookup.feeds)
             if dropout is not None:
                 feeds.append(self._tensor(dropout))
-                self._extra = (*self._tables, self._keep_prob)
+                extra += (np.array(1.0, dtype=np.float32),)  # keep_prob: no dropout
+            self._extra = extra
+            """What every run feeds after the ids: the shared matrix (+ scales), keep_prob."""
             self._run = session.make_callable(fetch, feeds)
             self._warm_up()
         except BaseException:
@@ -180,12 +180,7 @@ class SessionRuntime(Runtime):
         batch = fit_length(batch, fixed=self._fixed_len, minimum=self._min_len)
         if batch.shape[0] == 0:
             return np.zeros((0, len(self.labels)), dtype=np.float32)
-        lo, hi = int(batch.min()), int(batch.max())
-        if lo < 0 or hi >= embedding.rows:
-            bad = lo if lo < 0 else hi
-            raise BadRequest(
-                f"token id {bad} outside embedding {embedding.name!r} ({embedding.rows} rows)"
-            )
+        embedding.check_ids(batch)
         try:
             out = self._run(batch, *self._extra)
         except RuntimeError as exc:  # the session was closed under us
