@@ -91,7 +91,8 @@ class BatchObserver(Protocol):
         """A request's first text started: seconds from ``submit`` to its batch's start."""
 
     def queue_depth(self, n: int) -> None:
-        """Queued (not yet started) texts changed to ``n``."""
+        """Queued (not yet started) texts are now ``n``: published once per event-loop step
+        in which the depth changed, with the depth at the end of that step."""
 
 
 class _Request:
@@ -194,6 +195,7 @@ class Batcher:
         self._queue: deque[_Request] = deque()
         self._live: set[_Request] = set()
         self._depth = 0
+        self._depth_publish_due = False
         self._in_flight = 0
         self._fill_timer: asyncio.TimerHandle | None = None
         self._fill_due = 0.0
@@ -479,6 +481,18 @@ class Batcher:
             self._fill_timer = None
 
     def _depth_changed(self) -> None:
+        """Publish the queue depth once per event-loop step, however often it changed in it
+        (a metric update is a lock + a file write in multiprocess mode)."""
+        if self._observer is None or self._depth_publish_due:
+            return
+        if self._loop is None:
+            self._observer.queue_depth(self._depth)
+            return
+        self._depth_publish_due = True
+        self._loop.call_soon(self._publish_depth)
+
+    def _publish_depth(self) -> None:
+        self._depth_publish_due = False
         if self._observer is not None:
             self._observer.queue_depth(self._depth)
 

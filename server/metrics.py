@@ -90,6 +90,31 @@ PROCESS_MEMORY_KINDS: Final[tuple[str, ...]] = ("rss", "uss", "pss")
 _MODEL: Final = ("model", "version")
 
 
+_pid = os.getpid()
+
+
+def _refresh_pid() -> None:
+    global _pid
+    _pid = os.getpid()
+
+
+os.register_at_fork(after_in_child=_refresh_pid)
+
+
+def process_id() -> int:
+    """``os.getpid()`` without the syscall: cached, and refreshed in the child of a fork."""
+    return _pid
+
+
+if values.ValueClass is not values.MutexValue:
+    # Multiprocess mode. prometheus-client's default file-backed value calls os.getpid() — a
+    # syscall — on every inc/set/observe to notice a fork; under single-text load that was ~7 %
+    # of a worker's event loop (py-spy, docs/bench/README.md). The library takes the process
+    # identifier as a parameter; this one is cached and kept right across fork() by the hook
+    # above. Swapped at import, before any textserve metric exists.
+    values.ValueClass = values.MultiProcessValue(process_identifier=process_id)  # type: ignore[no-untyped-call]
+
+
 def multiprocess_dir_from_env(env: Mapping[str, str] = os.environ) -> Path | None:
     """The multiprocess directory named by ``PROMETHEUS_MULTIPROC_DIR``, or None."""
     value = env.get(MULTIPROC_ENV, "")

@@ -103,13 +103,10 @@ def run(args: argparse.Namespace) -> int:
         create_app(settings, serve_when_loaded=worker),
         host=settings.host,
         port=settings.port,
-        loop="uvloop",
-        http="httptools",
-        lifespan="on",
+        **uvicorn_options(),
         access_log=bool(args.access_log),
         log_level=settings.log_level.lower(),
         timeout_graceful_shutdown=math.ceil(settings.drain_timeout_s),
-        server_header=False,
     )
     server = _server_class()(config)
     if worker:
@@ -122,6 +119,20 @@ def run(args: argparse.Namespace) -> int:
     # A SIGTERM while still loading (a --workers worker stopped by its supervisor) is an
     # orderly stop too; only a failed startup with nobody asking to stop is an error.
     return 0 if server.started or server.signalled else 1
+
+
+def uvicorn_options() -> dict[str, Any]:
+    """The ``uvicorn.Config`` options every textserve server runs with (the test fixtures' real
+    servers too): uvloop, httptools behind one ``send`` per response
+    (:mod:`server.api.http_protocol`), lifespan on, no ``server`` header."""
+    from server.api.http_protocol import CoalescingHttpToolsProtocol
+
+    return {
+        "loop": "uvloop",
+        "http": CoalescingHttpToolsProtocol,
+        "lifespan": "on",
+        "server_header": False,
+    }
 
 
 def _server_class() -> type[Any]:

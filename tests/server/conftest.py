@@ -1,5 +1,5 @@
 """Fixtures for the serving core: a copy of the small repository with a broken model added, and
-a REAL uvicorn server (uvloop + httptools, as ``textserve serve`` runs it) on a free port.
+a REAL uvicorn server (``textserve serve``'s uvicorn options) on a free port.
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ import uvicorn
 import yaml
 
 from server.artifact import MODELS_YAML
+from server.commands.serve import uvicorn_options
 from server.registry import Registry
 from server.settings import Settings
 
@@ -114,9 +115,7 @@ def run_server(settings: Settings, *, wait_loaded: bool = True) -> Iterator[Live
     app = create_app(settings)
     config = uvicorn.Config(
         app,
-        loop="uvloop",
-        http="httptools",
-        lifespan="on",
+        **uvicorn_options(),
         access_log=False,
         log_level="warning",
         timeout_graceful_shutdown=5,

@@ -194,6 +194,34 @@ def test_concurrent_requests_match_each_text_classified_alone(
     assert obs.depths[-1] == 0
 
 
+def test_queue_depth_is_published_once_per_loop_step(pool: ThreadPoolExecutor) -> None:
+    """Ten submits in one event-loop step: one published depth (the step's last), not ten."""
+    release = threading.Event()
+
+    def held(ids: IdArray) -> ProbArray:
+        release.wait(10)
+        return np.full((len(ids), 4), 0.25, dtype=np.float32)
+
+    obs = RecordingObserver()
+
+    async def go() -> list[int]:
+        b = make(held, pool, obs, max_batch_size=4, stage_full_batches=False)
+        b.start()
+        tasks = [asyncio.ensure_future(b.submit([[2, 3]])) for _ in range(10)]
+        await asyncio.sleep(0)  # the ten submits run in this step
+        assert obs.depths == []  # published after the step, not once per change
+        await asyncio.sleep(0)
+        published = list(obs.depths)
+        assert b.queue_depth == 9  # the first went straight to the (held) predict
+        release.set()
+        await asyncio.gather(*tasks)
+        await b.close(5)
+        return published
+
+    assert run(go) == [9]
+    assert obs.depths[-1] == 0
+
+
 # -- scheduling ------------------------------------------------------------------------------
 
 

@@ -310,6 +310,47 @@ def test_multiprocess_workers_aggregate(tmp_path: Path) -> None:
     assert proc.returncode == 0, proc.stdout.decode() + proc.stderr.decode()
 
 
+_FORKING_WORKER = textwrap.dedent(
+    """
+    import os
+    from prometheus_client import CollectorRegistry
+    from server.metrics import Metrics, process_id
+    m = Metrics(CollectorRegistry())
+    m.count_texts("topic", "1", 2)
+    assert process_id() == os.getpid()
+    child = os.fork()
+    if child == 0:
+        m.count_texts("topic", "1", 3)
+        os._exit(0 if process_id() == os.getpid() else 3)
+    assert os.waitpid(child, 0)[1] == 0
+    m.count_texts("topic", "1", 4)
+    print(os.getpid(), child)
+    """
+)
+
+
+def test_multiprocess_values_follow_a_fork(tmp_path: Path) -> None:
+    """textserve gives prometheus-client a cached process id (no getpid syscall per sample);
+    a forked child still writes to files of its own pid, as with the library's default."""
+    env = {**os.environ, "PROMETHEUS_MULTIPROC_DIR": str(tmp_path)}
+    out = subprocess.run(
+        [sys.executable, "-c", _FORKING_WORKER],
+        env=env,
+        check=True,
+        timeout=120,
+        capture_output=True,
+    ).stdout.split()
+    parent, child = (int(x) for x in out[-2:])
+    assert {p.name for p in tmp_path.glob("counter_*.db")} == {
+        f"counter_{parent}.db",
+        f"counter_{child}.db",
+    }
+    body, _ = render_multiprocess(tmp_path)
+    fams = {f.name: f for f in text_string_to_metric_families(body.decode())}
+    (texts,) = [s.value for s in fams["textserve_texts"].samples if s.name.endswith("_total")]
+    assert texts == 2 + 3 + 4
+
+
 # -- the core's interfaces, with the real classes ---------------------------------------------
 def test_a_real_batcher_reports_to_its_observer() -> None:
     m = Metrics(CollectorRegistry())
