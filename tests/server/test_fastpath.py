@@ -115,14 +115,7 @@ def _route_labels(url: str) -> dict[tuple[str, str, str], float]:
 
 @pytest.fixture
 def without_fastpath(monkeypatch: pytest.MonkeyPatch) -> None:
-    real = app_module.create_app
-
-    def create_app(settings: Settings) -> Any:
-        app = real(settings)
-        app.user_middleware = [m for m in app.user_middleware if cast(Any, m.cls) is not FastPath]
-        return app
-
-    monkeypatch.setattr(app_module, "create_app", create_app)
+    _slow_app(monkeypatch)
 
 
 def test_fast_path_answers_like_fastapi(
@@ -172,3 +165,49 @@ def test_fast_path_covers_the_six_hot_routes(live_server: LiveServer) -> None:
             "/v2/models/{name}/versions/{version}/infer",
         ]
     )
+
+
+def _slow_app(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Make ``run_server`` serve every request through FastAPI's stack (no fast path)."""
+    real = app_module.create_app
+
+    def create_app(settings: Settings) -> Any:
+        app = real(settings)
+        app.user_middleware = [m for m in app.user_middleware if cast(Any, m.cls) is not FastPath]
+        return app
+
+    monkeypatch.setattr(app_module, "create_app", create_app)
+
+
+@pytest.mark.parametrize("fast", [True, False], ids=["fast path", "FastAPI"])
+def test_an_unexpected_error_is_a_logged_json_500_and_the_server_goes_on(
+    served_repo: Any, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch, fast: bool
+) -> None:
+    """A fault inside inference (injected into the batcher's predict) answers as through
+    Starlette's server-error middleware: logged, JSON 500, counted; the next request is fine."""
+    if not fast:
+        _slow_app(monkeypatch)
+    settings = Settings(_env_file=None, repo=served_repo, inference_threads=2)
+    with run_server(settings) as live:
+        batcher = live.registry.get("pos").batcher
+        assert batcher is not None
+        real = batcher._predict
+
+        def broken(ids: Any) -> Any:
+            raise RuntimeError("injected fault")
+
+        body = b'{"texts": ["a dog"]}'
+        with httpx.Client(base_url=live.url, timeout=30) as c:
+            batcher._predict = broken
+            try:
+                r = c.post("/v1/models/pos:classify", content=body, headers=JSON)
+            finally:
+                batcher._predict = real
+            assert r.status_code == 500
+            assert r.json() == {"error": "internal server error"}
+            assert "unhandled error on POST /v1/models/pos:classify" in caplog.text
+            assert "injected fault" in caplog.text
+            again = c.post("/v1/models/pos:classify", content=body, headers=JSON)
+            assert again.status_code == 200
+        labels = _route_labels(live.url)
+        assert labels[("/v1/models/{name}:classify", "pos", "500")] == 1
