@@ -7,7 +7,7 @@ from typing import Any
 
 KINDS = {"batch": "64 texts/request", "single": "1 text/request"}
 SERVERS = ("textserve", "naive", "textserve-2w")
-WORKERS2_TITLE = "textserve --workers 2 --intra-op-threads 1"
+WORKERS2_TITLE = "textserve --workers 2"
 
 
 def _runs(model: dict[str, Any], server: str) -> list[dict[str, Any]]:

@@ -32,12 +32,11 @@ from bench.wrk import run_wrk
 Log = Callable[[str], None]
 WAIT0 = "textserve-max-wait-0"
 WORKERS2 = "textserve-2w"
-WORKERS2_SETTINGS = {"workers": "2", "intra_op_threads": "1"}
-"""textserve with two worker processes sharing the port, one TensorFlow intra-op thread each:
-two predicts on two cores instead of four threads on two. Side by side against 2 threads each
-(``docs/bench/README.md``): better from 8 clients up (64 texts conc. 8: 0.90 vs 0.87 of the
-ceiling; 1 text conc. 64: 0.47 vs 0.43), worse for one 64-text client at a time (0.46 vs 0.71),
-which then runs on one core."""
+WORKERS2_SETTINGS = {"workers": "2"}
+"""textserve with two worker processes sharing the port, TensorFlow's default 2 intra-op threads
+each. Side by side against 1 thread each (``docs/bench/README.md``, 2026-11-26): 0.85 vs 0.55 of
+the ceiling for one 64-text client at a time (one thread leaves a core idle), within 2-3 % from 8
+clients up (64 texts conc. 8: 6,305 vs 6,442 texts/s; 1 text conc. 64: 3,887 vs 4,021)."""
 
 
 @dataclass
@@ -324,8 +323,7 @@ def run(opts: Options) -> dict[str, Any]:
             "tensorflow": tf.__version__,
             "cpu_note": (
                 f"each server process pinned to CPUs {cpus} (os.sched_setaffinity), "
-                "TensorFlow intra-op threads 2 (1 in each textserve-2w worker); wrk -t1 and "
-                "this process unpinned, sharing "
+                "TensorFlow intra-op threads 2; wrk -t1 and this process unpinned, sharing "
                 "the same cores (their CPU use is in the run table); the in-process ceiling "
                 "ran while both servers sat idle."
             ),
