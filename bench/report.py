@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import statistics
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +26,21 @@ def _ratio(a: float | None, b: float | None) -> str:
     if a is None or b is None or b == 0:
         return "–"
     return f"{a / b:.2f}"
+
+
+def vs_ceiling(run: dict[str, Any] | None, model: dict[str, Any]) -> float | None:
+    """HTTP texts/s ÷ the ceiling, paired by repetition: each repetition's HTTP figure over the
+    ceiling sampled at that repetition's start, median over repetitions (the ceiling drifts
+    with the machine's load). Unpaired medians when the sample counts differ."""
+    if run is None:
+        return None
+    ceiling = model["ceiling"]
+    samples = [s["texts_per_s"] for s in ceiling.get("runtime_samples", [])]
+    http = [s["texts_per_s"] for s in run.get("samples", [])]
+    if samples and len(samples) == len(http) and all(samples):
+        return float(statistics.median(h / c for h, c in zip(http, samples, strict=True)))
+    rt = ceiling["runtime"]["texts_per_s"]
+    return float(run["texts_per_s"] / rt) if rt else None
 
 
 def _num(x: float | None, fmt: str = "{:,.0f}") -> str:
@@ -54,7 +70,9 @@ def markdown(result: dict[str, Any]) -> str:
         "",
         "Throughput counts texts in 2xx responses; latency is per request (wrk's distribution). "
         "Figures are medians over the repetitions.",
-        "`vs ceiling` = HTTP texts/s ÷ in-process `Runtime.predict` texts/s at batch 64; "
+        "`vs ceiling` = HTTP texts/s ÷ in-process `Runtime.predict` texts/s at batch 64, paired "
+        "by repetition (the ceiling is sampled at the start of each repetition; median of the "
+        "per-repetition ratios); "
         "`ts/naive` = textserve texts/s ÷ naive texts/s, median of the back-to-back pairs. "
         "`CPU us/text` = server process CPU time (all threads) ÷ texts answered: what a text "
         "costs, which unlike texts/s does not depend on how much CPU other tenants left over.",
@@ -65,6 +83,13 @@ def markdown(result: dict[str, Any]) -> str:
     for model in result["models"]:
         lines += _model_section(model)
     return "\n".join(lines) + "\n"
+
+
+def _samples(ceiling: dict[str, Any]) -> str:
+    rates = [s["texts_per_s"] for s in ceiling.get("runtime_samples", [])]
+    if len(rates) < 2:
+        return ""
+    return "; median of " + " / ".join(f"{r:,.0f}" for r in rates)
 
 
 def _model_section(model: dict[str, Any]) -> list[str]:
@@ -79,7 +104,7 @@ def _model_section(model: dict[str, Any]) -> list[str]:
         "",
         "| in-process ceiling (batch 64) | texts/s | median call ms | CPU us/text |",
         "|---|---:|---:|---:|",
-        f"| `Runtime.predict` (the server's runtime) | {rt:,.0f} | "
+        f"| `Runtime.predict` (the server's runtime{_samples(ceiling)}) | {rt:,.0f} | "
         f"{ceiling['runtime']['p50_ms']:.2f} | {_cpu(ceiling['runtime'])} |",
     ]
     if raw:
@@ -116,8 +141,8 @@ def _model_section(model: dict[str, Any]) -> list[str]:
                 f"| {label} | {c} | {_num(tt)} | {_num(_get(t, 'p50_ms'), '{:.1f}')} | "
                 f"{_num(_get(t, 'p99_ms'), '{:.1f}')} | {_num(tc)} | {_num(nt)} | "
                 f"{_num(_get(n, 'p50_ms'), '{:.1f}')} | {_num(_get(n, 'p99_ms'), '{:.1f}')} | "
-                f"{_num(nc)} | {vs_naive} | {_ratio(nc, tc)} | {_ratio(tt, rt)} | "
-                f"{_ratio(nt, rt)} |"
+                f"{_num(nc)} | {vs_naive} | {_ratio(nc, tc)} | "
+                f"{_num(vs_ceiling(t, model), '{:.2f}')} | {_num(vs_ceiling(n, model), '{:.2f}')} |"
             )
     lines += [
         "",
@@ -153,7 +178,6 @@ def _workers(model: dict[str, Any]) -> list[str]:
     runs = _runs(model, "textserve-2w")
     if not runs:
         return []
-    rt = model["ceiling"]["runtime"]["texts_per_s"]
     lines = [
         "",
         f"`{WORKERS2_TITLE}` (two processes on one port, same CPUs) vs the default one process:",
@@ -168,7 +192,8 @@ def _workers(model: dict[str, Any]) -> list[str]:
         lines.append(
             f"| {KINDS[r['kind']]} | {r['connections']} | {r['texts_per_s']:,.0f} | "
             f"{r['p50_ms']:.1f} | {r['p99_ms']:.1f} | {_num(r.get('server_cpu_us_per_text'))} | "
-            f"{_ratio(r['texts_per_s'], rt)} | {'–' if paired is None else f'{paired:.2f}'} | "
+            f"{_num(vs_ceiling(r, model), '{:.2f}')} | "
+            f"{'–' if paired is None else f'{paired:.2f}'} | "
             f"{_num(one)} | {_ratio(r['texts_per_s'], one)} |"
         )
     return lines

@@ -27,9 +27,9 @@ class Settings(BaseSettings):
 
     workers: int = Field(default=1, ge=1, le=64)
     """Server processes sharing the port (SO_REUSEPORT), each with its own TensorFlow and
-    sessions; the embedding's mmap'd pages are shared. On 2 cores, 2 workers measured 0.94-0.97
-    of the in-process ceiling for 64-text requests at 8-64 connections (1 process: 0.69-0.73)
-    and ~0.5 for single texts at 64 (0.38-0.43), at ~+350 MiB private memory per extra worker
+    sessions; the embedding's mmap'd pages are shared. On 2 cores, 2 workers measured 0.94-0.99
+    of the in-process ceiling for 64-text requests at 8-64 connections (1 process: 0.77-0.81)
+    and 0.60 for single texts at 64 (0.48), at ~+350 MiB private memory per extra worker
     (docs/bench/README.md). With more than one, admin load/unload answer 409 and /v1/memory
     describes the worker that answered."""
     intra_op_threads: int = Field(default=2, ge=0)

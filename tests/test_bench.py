@@ -102,3 +102,28 @@ def test_session_overhead_script_reports_a_positive_floor() -> None:
     match = re.search(r"without a run: ([0-9.]+) MiB anonymous memory per model", done.stdout)
     assert match, done.stdout
     assert 0.05 < float(match.group(1)) < 50
+
+
+def test_ratios_to_the_ceiling_are_paired_by_repetition() -> None:
+    """Each repetition's HTTP figure over the ceiling sampled in that repetition, then the
+    median: a ceiling that drifts with the machine's load moves both sides of each ratio."""
+    from bench.report import vs_ceiling
+
+    model = {
+        "ceiling": {
+            "runtime": {"texts_per_s": 6000.0},
+            "runtime_samples": [
+                {"texts_per_s": 8000.0},
+                {"texts_per_s": 6000.0},
+                {"texts_per_s": 4000.0},
+            ],
+        }
+    }
+    run = {
+        "texts_per_s": 3600.0,
+        "samples": [{"texts_per_s": 7200.0}, {"texts_per_s": 3600.0}, {"texts_per_s": 3200.0}],
+    }
+    assert vs_ceiling(run, model) == pytest.approx(0.8)  # 0.9, 0.6, 0.8; unpaired: 0.6
+    unpaired = {"texts_per_s": 3000.0, "samples": [{"texts_per_s": 3000.0}]}
+    assert vs_ceiling(unpaired, model) == pytest.approx(0.5)
+    assert vs_ceiling(None, model) is None
