@@ -7,14 +7,28 @@
   graph variable and the gather inside the graph (weights random: speed does not depend on
   them). Only for models with an ``architecture`` in model.json.
 * ``tokenize``: texts/s of ``Tokenizer.encode`` + ``pad`` alone (part of every HTTP request).
+* ``two_callers``: ``predict`` called from two threads at once on a runtime with one intra-op
+  and two inter-op threads — what two concurrent predicts (two ``--workers``, or
+  ``max_in_flight: 2``) can get out of the machine. On 2 cores it is above ``runtime``
+  (TensorFlow's intra-op split costs ~10 % CPU per text), so it is the honest yardstick for
+  setups that run two predicts at once. Measured in a fresh process
+  (``python -m bench.ceiling``): TensorFlow sizes its thread pools once per process, at the
+  first session.
 """
 
 from __future__ import annotations
 
+import argparse
+import json
 import statistics
+import subprocess
+import sys
+import tempfile
+import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import Any
 
 from bench.models import BenchModel, random_weights
@@ -89,6 +103,85 @@ def runtime_rate(runtime: Any, texts: Sequence[str], seconds: float, batch: int 
     return measure(runtime.predict, batches_of(runtime.tokenizer, texts, batch), seconds)
 
 
+def concurrent_rate(
+    runtime: Any, texts: Sequence[str], seconds: float, callers: int = 2, batch: int = 64
+) -> Rate:
+    """``runtime.predict`` from ``callers`` threads at once for ``seconds`` (after a warm-up
+    call each); texts/s over all of them, median call time, CPU per text."""
+    batches = batches_of(runtime.tokenizer, texts, batch)
+    for b in batches[:callers]:
+        runtime.predict(b)
+    times: list[list[float]] = [[] for _ in range(callers)]
+    start = time.perf_counter()
+    stop_at = start + seconds
+
+    def call(k: int) -> None:
+        i = k
+        while time.perf_counter() < stop_at:
+            t0 = time.perf_counter()
+            runtime.predict(batches[i % len(batches)])
+            times[k].append(time.perf_counter() - t0)
+            i += callers
+
+    cpu0 = time.process_time()
+    threads = [threading.Thread(target=call, args=(k,)) for k in range(callers)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    elapsed = time.perf_counter() - start
+    cpu = time.process_time() - cpu0
+    every = [t for ts in times for t in ts]
+    texts_done = len(every) * batch
+    return Rate(
+        texts_done / elapsed,
+        len(every),
+        batch,
+        statistics.median(every) * 1000,
+        cpu / texts_done * 1e6,
+    )
+
+
+def two_callers_rate(model: BenchModel, texts: Sequence[str], seconds: float) -> Rate:
+    """:func:`concurrent_rate` with 2 callers, 1 intra-op + 2 inter-op threads, in a fresh
+    Python process (this one's TensorFlow pools are already sized)."""
+    with tempfile.NamedTemporaryFile("w", suffix=".json") as f:
+        json.dump(list(texts), f)
+        f.flush()
+        cmd = [sys.executable, "-m", "bench.ceiling", str(model.version_dir), f.name]
+        cmd += ["--seconds", str(seconds)]
+        if model.embedding_dir is not None:
+            cmd += ["--embedding-dir", str(model.embedding_dir)]
+        proc = subprocess.run(cmd, capture_output=True, text=True, check=True, timeout=600)
+    return Rate(**json.loads(proc.stdout.strip().splitlines()[-1]))
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``python -m bench.ceiling VERSION_DIR TEXTS_JSON [--embedding-dir DIR]``: print the
+    two-caller rate as one JSON line."""
+    parser = argparse.ArgumentParser(prog="python -m bench.ceiling")
+    parser.add_argument("version_dir", type=Path)
+    parser.add_argument("texts_json", type=Path)
+    parser.add_argument("--embedding-dir", type=Path, default=None)
+    parser.add_argument("--seconds", type=float, default=2.0)
+    parser.add_argument("--callers", type=int, default=2)
+    args = parser.parse_args(argv)
+    from server.embeddings import EmbeddingStore
+    from server.runtime.loader import load_runtime
+
+    runtime = load_runtime(
+        args.version_dir,
+        store=EmbeddingStore(),
+        embedding_dir=args.embedding_dir,
+        intra_op_threads=1,
+        inter_op_threads=args.callers,
+    )
+    texts = json.loads(args.texts_json.read_text())
+    rate = concurrent_rate(runtime, texts, args.seconds, callers=args.callers)
+    print(json.dumps(rate.as_dict()))
+    return 0
+
+
 def raw_rate(
     model: BenchModel, texts: Sequence[str], seconds: float, batch: int = 64
 ) -> Rate | None:
@@ -132,3 +225,7 @@ def tokenize_rate(tokenizer: Tokenizer, texts: Sequence[str], seconds: float) ->
     elapsed = time.perf_counter() - start
     cpu = time.process_time() - cpu0
     return Rate(n / elapsed, len(times), 64, statistics.median(times) * 1000, cpu / n * 1e6)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

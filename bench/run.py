@@ -208,6 +208,7 @@ def bench_model(key: str, glosses: Sequence[str], opts: Options) -> dict[str, An
                 "runtime": _median_rate(ceil_samples),
                 "runtime_samples": [r.as_dict() for r in ceil_samples],
                 "tokenize": ceiling.tokenize_rate(runtime.tokenizer, texts, ceil_s).as_dict(),
+                "two_callers": ceiling.two_callers_rate(model, texts, ceil_s).as_dict(),
             }
             effects: dict[str, Any] = {}
             if opts.effects:

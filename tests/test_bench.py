@@ -49,6 +49,10 @@ def test_quick_bench_runs_and_reports(
     assert ceiling["raw"]["texts_per_s"] > 0
     assert ceiling["tokenize"]["texts_per_s"] > 0
     assert ceiling["runtime"]["cpu_us_per_text"] > 0
+    two = ceiling["two_callers"]  # measured in a fresh process: 2 threads calling predict
+    assert two["texts_per_s"] > 0
+    assert two["batch"] == 64
+    assert two["calls"] >= 2
 
     assert model["servers"]["textserve-2w"]["memory"]["processes"] == 3  # supervisor + 2
     for server in ("textserve", "naive", "textserve-2w"):
