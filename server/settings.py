@@ -27,15 +27,18 @@ class Settings(BaseSettings):
 
     workers: int = Field(default=1, ge=1, le=64)
     """Server processes sharing the port (SO_REUSEPORT), each with its own TensorFlow and
-    sessions; the embedding's mmap'd pages are shared. On 2 cores, 2 workers measured 0.94-0.99
-    of the in-process ceiling for 64-text requests at 8-64 connections (1 process: 0.77-0.81)
-    and 0.60 for single texts at 64 (0.48), at ~+350 MiB private memory per extra worker
+    sessions; the embedding's mmap'd pages are shared. On 2 cores, 2 workers measured 0.88-0.99
+    of the in-process ceiling for 64-text requests at 8-64 connections (1 process: 0.71-0.81)
+    and 0.56-0.60 for single texts at 64 (0.45-0.48), at ~+350 MiB private memory per extra worker
     (docs/bench/README.md). With more than one, admin load/unload answer 409 and /v1/memory
     describes the worker that answered."""
     intra_op_threads: int = Field(default=2, ge=0)
     """TensorFlow intra-op threads per session (0 = TensorFlow's default)."""
     inter_op_threads: int = Field(default=1, ge=0)
-    """TensorFlow inter-op threads per session (0 = TensorFlow's default)."""
+    """TensorFlow inter-op threads per session (0 = TensorFlow's default). With one, a session
+    runs the kernels of concurrent predicts one after the other. intra_op_threads=1 with 2
+    inter-op threads and max_in_flight 2 measured ~35 % more texts/s for 64-text requests from
+    8 clients in one process on 2 cores, but slower single requests (docs/bench/README.md)."""
     inference_threads: int = Field(default=2, ge=1)
     """Threads running session.run off the event loop (shared by all models)."""
 
