@@ -36,9 +36,10 @@ class Settings(BaseSettings):
     """TensorFlow intra-op threads per session (0 = TensorFlow's default)."""
     inter_op_threads: int = Field(default=1, ge=0)
     """TensorFlow inter-op threads per session (0 = TensorFlow's default). With one, a session
-    runs the kernels of concurrent predicts one after the other. intra_op_threads=1 with 2
-    inter-op threads and max_in_flight 2 measured ~35 % more texts/s for 64-text requests from
-    8 clients in one process on 2 cores, but slower single requests (docs/bench/README.md)."""
+    runs the kernels of concurrent predicts one after the other. One process on 2 cores with
+    intra_op_threads=1, 2 inter-op threads, max_in_flight 2 and max_batch_size 32 measured level
+    with the defaults for a lone client and +24 % (64-text requests, 8 clients) / +14 % (single
+    texts, 64 clients) under load; not the default yet (docs/bench/README.md)."""
     inference_threads: int = Field(default=2, ge=1)
     """Threads running session.run off the event loop (shared by all models)."""
 
