@@ -3,9 +3,9 @@
 uvicorn writes a response's status line and headers (``http.response.start``) and its body
 (``http.response.body``) with two ``transport.write`` calls. With ``TCP_NODELAY`` each is its own
 ``send`` syscall and its own TCP segment, and on a loopback or LAN connection a ``send`` also
-pays for delivering the segment (waking the reader). For textserve's small JSON answers that
-second ``send`` was about a fifth of the event loop's time per single-text request
-(``py-spy``, ``docs/bench/README.md``).
+pays for delivering the segment (waking the reader). For textserve's small JSON answers the
+two ``send`` calls took about a quarter of the event loop's time per single-text request, the
+one left takes about a tenth (``py-spy``, ``docs/bench/README.md``).
 
 :class:`CoalescingTransport` collects the writes made during one event-loop step and hands
 them to the real transport as one ``write`` from a callback scheduled with ``call_soon`` —
