@@ -71,15 +71,18 @@ SYSTEM_ALLOCATOR_ENV = "TF_ONEDNN_USE_SYSTEM_ALLOCATOR"
 
 
 def lean_tensorflow() -> bool:
-    """Make TensorFlow allocate large tensors with ``malloc`` instead of its caching pool.
+    """Make TensorFlow allocate large tensors with ``malloc`` instead of its caching pool, and
+    fix glibc's mmap threshold (:func:`tune`).
 
     With oneDNN (TensorFlow's default on x86), activations and gathered rows come from a
     BFC pool that keeps its peak for the life of the process; with the system allocator and
-    :func:`tune`'s fixed mmap threshold they go back to the kernel after each batch. Measured
+    the fixed mmap threshold they go back to the kernel after each batch. Measured
     with ten seed-scale models (docs/memory/README.md): about 17 MiB less RSS at rest, but
-    about 30 % slower batch-64 runs (page faults on every fresh mapping). Must run before
-    TensorFlow is imported; returns False (and changes nothing) if it already was.
+    about 30 % slower batch-64 runs (page faults on every fresh mapping). The allocator switch
+    must come before TensorFlow is imported: returns False (and sets only the threshold) if it
+    already was.
     """
+    tune()
     if "tensorflow" in sys.modules:
         log.warning("%s not set: TensorFlow is already imported", SYSTEM_ALLOCATOR_ENV)
         return False

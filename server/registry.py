@@ -316,7 +316,6 @@ class Registry:
         self._loop = asyncio.get_running_loop()
         if self.settings.lean_tensorflow:
             allocator.lean_tensorflow()
-            allocator.tune()
         self._store = EmbeddingStore()
         self._inference = concurrent.futures.ThreadPoolExecutor(
             max_workers=self.settings.inference_threads, thread_name_prefix="textserve-infer"

@@ -57,18 +57,16 @@ STOP_GRACE_S = 10.0
 POLL_S = 0.2
 
 
-def reuse_port_socket(host: str, port: int, *, listen: bool) -> socket.socket:
-    """A TCP socket bound to ``host:port`` with ``SO_REUSEPORT`` (Linux, BSD). Until it listens
-    the kernel gives it no connections: a worker's socket listens once its models are loaded."""
+def reuse_port_socket(host: str, port: int) -> socket.socket:
+    """A TCP socket bound to ``host:port`` with ``SO_REUSEPORT`` (Linux, BSD), not listening.
+    Until it listens the kernel gives it no connections: uvicorn makes a worker's socket listen
+    once its models are loaded; the supervisor's holds ``--port 0``'s choice and never does."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM)
     try:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
         sock.bind((host, port))
-        if listen:
-            sock.listen(2048)
-            sock.setblocking(False)
     except BaseException:
         sock.close()
         raise
@@ -209,7 +207,7 @@ class Supervisor:
         if self.port != 0:
             yield
             return
-        holder = reuse_port_socket(self.settings.host, 0, listen=False)
+        holder = reuse_port_socket(self.settings.host, 0)
         self.port = int(holder.getsockname()[1])
         try:
             yield

@@ -192,7 +192,6 @@ def _serve_case(spec: dict[str, Any]) -> dict[str, Any]:
 
     if spec.get("lean"):
         allocator.lean_tensorflow()
-        allocator.tune()
     base = _baseline()
     from server.embeddings import EmbeddingStore
     from server.registry import warm_up

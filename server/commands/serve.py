@@ -113,7 +113,7 @@ def run(args: argparse.Namespace) -> int:
         from server.supervisor import reuse_port_socket
 
         # Bound, not listening: uvicorn listens after the lifespan startup (models loaded).
-        server.run(sockets=[reuse_port_socket(settings.host, settings.port, listen=False)])
+        server.run(sockets=[reuse_port_socket(settings.host, settings.port)])
     else:
         server.run()
     # A SIGTERM while still loading (a --workers worker stopped by its supervisor) is an
