@@ -56,32 +56,52 @@ def batches_of(tokenizer: Tokenizer, texts: Sequence[str], batch: int) -> list[I
     ]
 
 
-def measure(fn: Callable[[IdArray], object], batches: Sequence[IdArray], seconds: float) -> Rate:
-    """Call ``fn`` over ``batches`` round-robin for ``seconds`` (after two warm-up calls)."""
-    for b in batches[:2]:
+def measure(
+    fn: Callable[[IdArray], object],
+    batches: Sequence[IdArray],
+    seconds: float,
+    callers: int = 1,
+) -> Rate:
+    """Call ``fn`` over ``batches`` round-robin for ``seconds`` from ``callers`` threads at once
+    (after a warm-up call per caller, at least two); texts/s over all of them, median call
+    time, CPU (all threads) per text. Each caller makes at least one call."""
+    for b in batches[: max(2, callers)]:
         fn(b)
-    times: list[float] = []
-    texts = 0
-    cpu0 = time.process_time()
+    times: list[list[float]] = [[] for _ in range(callers)]
+    sizes: list[int] = [0] * callers
     start = time.perf_counter()
-    i = 0
-    while True:
-        b = batches[i % len(batches)]
-        t0 = time.perf_counter()
-        fn(b)
-        t1 = time.perf_counter()
-        times.append(t1 - t0)
-        texts += len(b)
-        i += 1
-        if t1 - start >= seconds:
-            break
+
+    def call(k: int) -> None:
+        i = k
+        while True:
+            b = batches[i % len(batches)]
+            t0 = time.perf_counter()
+            fn(b)
+            t1 = time.perf_counter()
+            times[k].append(t1 - t0)
+            sizes[k] += len(b)
+            i += callers
+            if t1 - start >= seconds:
+                return
+
+    cpu0 = time.process_time()
+    if callers == 1:
+        call(0)  # on this thread, as the ceiling has always been measured
+    else:
+        threads = [threading.Thread(target=call, args=(k,)) for k in range(callers)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
     elapsed = time.perf_counter() - start
     cpu = time.process_time() - cpu0
+    every = [t for ts in times for t in ts]
+    texts = sum(sizes)
     return Rate(
         texts / elapsed,
-        len(times),
+        len(every),
         len(batches[0]),
-        statistics.median(times) * 1000,
+        statistics.median(every) * 1000,
         cpu / texts * 1e6,
     )
 
@@ -103,48 +123,9 @@ def runtime_rate(runtime: Any, texts: Sequence[str], seconds: float, batch: int 
     return measure(runtime.predict, batches_of(runtime.tokenizer, texts, batch), seconds)
 
 
-def concurrent_rate(
-    runtime: Any, texts: Sequence[str], seconds: float, callers: int = 2, batch: int = 64
-) -> Rate:
-    """``runtime.predict`` from ``callers`` threads at once for ``seconds`` (after a warm-up
-    call each); texts/s over all of them, median call time, CPU per text."""
-    batches = batches_of(runtime.tokenizer, texts, batch)
-    for b in batches[:callers]:
-        runtime.predict(b)
-    times: list[list[float]] = [[] for _ in range(callers)]
-    start = time.perf_counter()
-    stop_at = start + seconds
-
-    def call(k: int) -> None:
-        i = k
-        while time.perf_counter() < stop_at:
-            t0 = time.perf_counter()
-            runtime.predict(batches[i % len(batches)])
-            times[k].append(time.perf_counter() - t0)
-            i += callers
-
-    cpu0 = time.process_time()
-    threads = [threading.Thread(target=call, args=(k,)) for k in range(callers)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    elapsed = time.perf_counter() - start
-    cpu = time.process_time() - cpu0
-    every = [t for ts in times for t in ts]
-    texts_done = len(every) * batch
-    return Rate(
-        texts_done / elapsed,
-        len(every),
-        batch,
-        statistics.median(every) * 1000,
-        cpu / texts_done * 1e6,
-    )
-
-
 def two_callers_rate(model: BenchModel, texts: Sequence[str], seconds: float) -> Rate:
-    """:func:`concurrent_rate` with 2 callers, 1 intra-op + 2 inter-op threads, in a fresh
-    Python process (this one's TensorFlow pools are already sized)."""
+    """:func:`measure` of ``predict`` from 2 threads, 1 intra-op + 2 inter-op threads, in a
+    fresh Python process (this one's TensorFlow pools are already sized)."""
     with tempfile.NamedTemporaryFile("w", suffix=".json") as f:
         json.dump(list(texts), f)
         f.flush()
@@ -176,8 +157,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         intra_op_threads=1,
         inter_op_threads=args.callers,
     )
-    texts = json.loads(args.texts_json.read_text())
-    rate = concurrent_rate(runtime, texts, args.seconds, callers=args.callers)
+    batches = batches_of(runtime.tokenizer, json.loads(args.texts_json.read_text()), 64)
+    rate = measure(runtime.predict, batches, args.seconds, callers=args.callers)
     print(json.dumps(rate.as_dict()))
     return 0
 

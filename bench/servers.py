@@ -53,15 +53,16 @@ class Server:
         Summed RSS counts pages the workers share (the mmap'd embedding, libraries) once per
         worker; USS and PSS do not."""
         proc = psutil.Process(self.process.pid)
+        processes = [proc, *proc.children(recursive=True)]
         total = {"rss": 0, "uss": 0, "pss": 0}
-        for p in [proc, *proc.children(recursive=True)]:
+        for p in processes:
             try:
                 info = p.memory_full_info()
             except psutil.Error:
                 continue
             for key in total:
                 total[key] += int(getattr(info, key))
-        total["processes"] = 1 + len(proc.children(recursive=True))
+        total["processes"] = len(processes)
         return total
 
 
