@@ -1,11 +1,10 @@
 """The data plane: the core operations every HTTP protocol (native, TF Serving, V2) calls.
 
 Transport-free: it validates texts against the documented limits, finds the serving model
-version in the :class:`~server.registry.Registry`, tokenizes each text once, submits it to the
-version's batcher and turns probabilities into labelled top-k results. A request of at least
-``WORKER_TOKENIZE_MIN_TEXTS`` texts is tokenized on an inference thread (``Batcher.in_worker``),
-overlapping the running predict, instead of on the event loop. Errors are
-:mod:`server.errors` exceptions; the API layer maps them to statuses.
+version in the :class:`~server.registry.Registry`, submits the texts to the version's batcher
+(which tokenizes each batch once, together, on an inference thread: ``Tokenizer.encode_batch``)
+and turns probabilities into labelled top-k results. Errors are :mod:`server.errors`
+exceptions; the API layer maps them to statuses.
 
 Decisions (documented in the API docs too):
 
@@ -20,8 +19,6 @@ Decisions (documented in the API docs too):
 from __future__ import annotations
 
 import asyncio
-import functools
-import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -31,7 +28,6 @@ import numpy.typing as npt
 
 from server.errors import (
     BadRequest,
-    DeadlineExceeded,
     ModelNotFound,
     ModelNotReady,
     PayloadTooLarge,
@@ -45,10 +41,6 @@ from server.runtime.base import ProbArray
 from server.settings import Settings
 
 IndexArray = npt.NDArray[np.intp]
-
-WORKER_TOKENIZE_MIN_TEXTS = 16
-"""Requests with at least this many texts are tokenized on an inference thread (overlapping
-a running predict) instead of on the event loop; smaller ones are not worth the thread hop."""
 
 
 def top_indices(probs: ProbArray, k: int) -> IndexArray:
@@ -183,21 +175,12 @@ class DataPlane:
         """``[len(texts), num_labels]`` probabilities, rows in the order of ``texts``.
 
         A full queue (503) or a passed ``deadline`` (a ``time.monotonic()`` instant; 504) is
-        answered before the texts are tokenized.
+        answered at once, before any tokenizing.
         """
-        runtime, batcher = mv.runtime, mv.batcher
-        if runtime is None or batcher is None:
+        batcher = mv.batcher
+        if mv.runtime is None or batcher is None:
             raise ModelNotReady(f"model {mv.name!r} version {mv.version} is not ready")
-        batcher.admit(len(texts))
-        if deadline is not None and time.monotonic() >= deadline:
-            raise DeadlineExceeded("the request's deadline passed before inference")
-        tokenizer = runtime.tokenizer
-        encoded: list[list[int]]
-        if len(texts) >= WORKER_TOKENIZE_MIN_TEXTS:
-            encoded = await batcher.in_worker(functools.partial(tokenizer.encode_many, texts))
-        else:
-            encoded = [tokenizer.encode(t) for t in texts]
-        probs = await batcher.submit(encoded, deadline=deadline)
+        probs = await batcher.submit(texts, deadline=deadline)
         record = current_request.get()
         if record is not None:
             record.classified(mv.name, str(mv.version), len(texts))

@@ -144,7 +144,7 @@ class ModelVersion:
     embedding: str | None = None
     """Name of the embedding (in models.yaml) this version reads; None if self-contained."""
     runtime: Runtime | None = None
-    batcher: Batcher | None = None
+    batcher: Batcher[str] | None = None
     stats: LoadStats | None = None
 
     @property
@@ -695,7 +695,7 @@ class Registry:
                 )
                 batcher = Batcher(
                     runtime.predict,
-                    runtime.tokenizer.pad,
+                    runtime.tokenizer.encode_batch,
                     max_batch_size=mv.batching.max_batch_size,
                     max_wait_ms=mv.batching.max_wait_ms,
                     max_queue=mv.batching.max_queue,
@@ -731,7 +731,7 @@ class Registry:
             mv.stats.uss_delta / 2**20,
         )
 
-    async def _activate(self, mv: ModelVersion, runtime: Runtime, batcher: Batcher) -> None:
+    async def _activate(self, mv: ModelVersion, runtime: Runtime, batcher: Batcher[str]) -> None:
         if self._closing:
             raise ShuttingDown("the server is shutting down")
         batcher.start()

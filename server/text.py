@@ -13,14 +13,16 @@ import re
 import threading
 import unicodedata
 import weakref
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 import numpy as np
 import numpy.typing as npt
 
 from server.artifact import OOV_ID, OOV_TOKEN, PAD_ID, PAD_TOKEN, TokenizerSpec
+from server.ascii_batch import encode_ascii
 from server.errors import ArtifactError
+from server.token_hash import HashArray, IntpArray, TokenTable, string_hashes
 
 # Words (with inner ' - . joining word characters) or one non-space, non-word character.
 _TOKEN_RE = re.compile(r"\w++(?:['\-.]\w++)*+|[^\w\s]")
@@ -41,7 +43,13 @@ def tokenize(text: str, lowercase: bool = True) -> list[str]:
 
 
 HOT_TOKENS = 20_000
-"""The first this-many vocabulary entries (GloVe orders words by frequency) live in a dict."""
+"""The first this-many vocabulary entries (GloVe orders words by frequency) live in a dict
+and in the hot part of the :class:`~server.token_hash.TokenTable`."""
+BATCH_MIN_TEXTS = 8
+"""``Tokenizer.encode_batch`` tokenizes this many texts or more in numpy; fewer, one by one
+(numpy's fixed cost per call, ~50 us, is more than 7 short texts take in Python)."""
+_HASH_CHUNK = 8192
+"""Vocabulary tokens hashed per step while a file streams in."""
 
 
 class Vocabulary:
@@ -49,50 +57,39 @@ class Vocabulary:
 
     Compact by design: a Python ``dict`` of 220k words costs ~43 MiB of RAM (measured), more
     than a hundred of the models' own weights. Here only the first :data:`HOT_TOKENS` entries
-    (the most frequent words, in GloVe's order) are a dict; the rest is two numpy arrays, the
-    tokens' 64-bit ``hash()`` values sorted and their ids (12 bytes a token), searched with
-    ``np.searchsorted`` for all of a text's rarer tokens at once. Python's string hash is
-    salted per process, so the table is built at load, streaming the file. A token outside the
-    vocabulary could only be mistaken for a rare vocabulary token if their 64-bit hashes
-    collide (probability about ``len(vocab) / 2**64`` per token, ~1e-14); two vocabulary tokens
-    sharing a hash keep the lower id. The token strings are kept only when asked for (the
-    toolchain needs them; the server does not).
+    (the most frequent words, in GloVe's order) are a dict, for texts tokenized one at a time;
+    every token's 64-bit hash of its UTF-8 bytes goes into a
+    :class:`~server.token_hash.TokenTable` (a cache-sized open-addressing table for the hot
+    entries, a sorted array for the rest: ~3.4 MiB for 220k tokens), used for the rarer tokens
+    of a single text and for all tokens of a batch (:mod:`server.ascii_batch`). A token outside
+    the vocabulary could only be mistaken for a vocabulary token if their 64-bit hashes collide
+    (probability about ``len(vocab) / 2**64`` per token, ~1e-14); two vocabulary tokens sharing
+    a hash keep the lower id. The token strings are kept only when asked for (the toolchain
+    needs them; the server does not).
     """
 
-    __slots__ = ("__weakref__", "_hashes", "_hot", "_ids", "_size", "_tokens")
+    __slots__ = ("__weakref__", "_hot", "_size", "_table", "_tokens")
 
     def __init__(self, tokens: Iterable[str], keep_tokens: bool = True) -> None:
         kept: list[str] | None = [] if keep_tokens else None
         hot: dict[str, int] = {}
-        iterator = iter(tokens)
+        hashes: list[HashArray] = []
         size = 0
-        for tok in iterator:
+        iterator = iter(tokens)
+        for chunk in iter(lambda: list(itertools.islice(iterator, _HASH_CHUNK)), []):
             if kept is not None:
-                kept.append(tok)
-            hot.setdefault(tok, size)
-            size += 1
-            if size == HOT_TOKENS:
-                break
+                kept.extend(chunk)
+            for token_id in range(size, min(size + len(chunk), HOT_TOKENS)):
+                hot.setdefault(chunk[token_id - size], token_id)
+            size += len(chunk)
+            hashes.append(string_hashes(chunk))
         if hot.get(PAD_TOKEN) != PAD_ID or hot.get(OOV_TOKEN) != OOV_ID:
             raise ArtifactError(
                 f"vocabulary must start with {PAD_TOKEN!r} and {OOV_TOKEN!r} (ids 0 and 1)"
             )
-
-        def cold() -> Iterator[int]:
-            for tok in iterator:
-                if kept is not None:
-                    kept.append(tok)
-                yield hash(tok)
-
-        hashes = np.fromiter(cold(), dtype=np.int64)
-        size += len(hashes)
-        order = np.argsort(hashes, kind="stable")  # equal hashes: lowest id first
-        sorted_hashes = hashes[order]
-        first = np.ones(len(order), dtype=bool)
-        first[1:] = sorted_hashes[1:] != sorted_hashes[:-1]
+        all_hashes = np.concatenate(hashes) if hashes else np.zeros(0, dtype=np.uint64)
         self._hot = hot
-        self._hashes: npt.NDArray[np.int64] = np.ascontiguousarray(sorted_hashes[first])
-        self._ids: npt.NDArray[np.int32] = (order[first] + HOT_TOKENS).astype(np.int32)
+        self._table = TokenTable(all_hashes, HOT_TOKENS, OOV_ID)
         self._size = size
         self._tokens = kept
 
@@ -138,19 +135,15 @@ class Vocabulary:
         out: list[int | None] = list(map(self._hot.get, tokens))  # None: not a hot token
         if None in out:
             misses = [i for i, v in enumerate(out) if v is None]
-            for i, v in zip(misses, self._cold_ids([tokens[i] for i in misses]), strict=True):
+            found = self._table.lookup_cold(string_hashes([tokens[i] for i in misses]))
+            for i, v in zip(misses, found.tolist(), strict=True):
                 out[i] = v
         return out  # type: ignore[return-value]  # every None was replaced
 
-    def _cold_ids(self, tokens: list[str]) -> list[int]:
-        table = self._hashes
-        if len(table) == 0:
-            return [OOV_ID] * len(tokens)
-        wanted = np.fromiter(map(hash, tokens), dtype=np.int64, count=len(tokens))
-        pos = np.searchsorted(table, wanted)
-        np.minimum(pos, len(table) - 1, out=pos)
-        found: list[int] = np.where(table[pos] == wanted, self._ids[pos], OOV_ID).tolist()
-        return found
+    @property
+    def table(self) -> TokenTable:
+        """Every token's hash → id (what :mod:`server.ascii_batch` looks tokens up in)."""
+        return self._table
 
 
 _shared_lock = threading.Lock()
@@ -202,22 +195,28 @@ class Tokenizer:
         ``fixed_len`` when the model needs it. One ``np.fromiter`` over all ids and one masked
         assignment, not a numpy conversion per text (~6x faster for 64 texts of 50 tokens).
         """
-        spec = self.spec
         lengths = np.fromiter(map(len, encoded), dtype=np.intp, count=len(encoded))
-        if spec.fixed_len is not None:
-            length = spec.fixed_len
-        else:
-            longest = int(lengths.max()) if len(lengths) else 0
-            length = min(max(longest, spec.min_len), max(spec.max_len, spec.min_len))
-        out = np.full((len(encoded), length), PAD_ID, dtype=np.int32)
-        if len(lengths) == 0 or length == 0:
-            return out
-        if int(lengths.max()) > length:
-            encoded = [ids[:length] for ids in encoded]
-            np.minimum(lengths, length, out=lengths)
+        width = self._width(lengths)
+        if len(lengths) and int(lengths.max()) > width:
+            encoded = [ids[:width] for ids in encoded]
+            np.minimum(lengths, width, out=lengths)
         total = int(lengths.sum())
         flat = np.fromiter(itertools.chain.from_iterable(encoded), dtype=np.int32, count=total)
-        out[np.arange(length) < lengths[:, None]] = flat
+        return self._padded(flat, lengths, width)
+
+    def _width(self, lengths: IntpArray) -> int:
+        spec = self.spec
+        if spec.fixed_len is not None:
+            return spec.fixed_len
+        longest = int(lengths.max()) if len(lengths) else 0
+        return min(max(longest, spec.min_len), max(spec.max_len, spec.min_len))
+
+    @staticmethod
+    def _padded(flat: IdArray, lengths: IntpArray, width: int) -> IdArray:
+        """Rows of ``lengths[i]`` (each ``<= width``) ids from ``flat``, then padding."""
+        out = np.full((len(lengths), width), PAD_ID, dtype=np.int32)
+        if len(flat):
+            out[np.arange(width) < lengths[:, None]] = flat
         return out
 
     def encode_many(self, texts: Sequence[str]) -> list[list[int]]:
@@ -235,4 +234,45 @@ class Tokenizer:
         return out
 
     def encode_batch(self, texts: Sequence[str]) -> IdArray:
-        return self.pad(self.encode_many(texts))
+        """``pad(encode_many(texts))``: the batch a model runs on.
+
+        From :data:`BATCH_MIN_TEXTS` texts on, the ASCII texts are tokenized together in numpy
+        (:mod:`server.ascii_batch`, same ids) and written straight into the padded array.
+        """
+        if len(texts) < BATCH_MIN_TEXTS:
+            return self.pad(self.encode_many(texts))
+        flat, lengths = self._encode_flat(texts)
+        return self._padded(flat, lengths, self._width(lengths))
+
+    def _encode_flat(self, texts: Sequence[str]) -> tuple[IdArray, IntpArray]:
+        """All texts' ids concatenated, and each text's number of ids."""
+        spec = self.spec
+        limit = spec.fixed_len or spec.max_len
+        table = self.vocab.table
+        plain = [i for i, t in enumerate(texts) if t.isascii()]
+        if len(plain) == len(texts):
+            return encode_ascii(texts, lowercase=spec.lowercase, limit=limit, table=table)
+        other = [i for i, t in enumerate(texts) if not t.isascii()]
+        rows = self.encode_many([texts[i] for i in other])
+        lengths = np.zeros(len(texts), dtype=np.intp)
+        lengths[other] = [len(r) for r in rows]
+        ids_plain = np.zeros(0, dtype=np.int32)
+        if plain:
+            ids_plain, lengths_plain = encode_ascii(
+                [texts[i] for i in plain], lowercase=spec.lowercase, limit=limit, table=table
+            )
+            lengths[plain] = lengths_plain
+        offsets = np.cumsum(lengths) - lengths
+        flat = np.empty(int(lengths.sum()), dtype=np.int32)
+        if len(ids_plain):
+            flat[_positions(offsets[plain], lengths[plain])] = ids_plain
+        for i, row in zip(other, rows, strict=True):
+            flat[offsets[i] : offsets[i] + len(row)] = row
+        return flat, lengths
+
+
+def _positions(offsets: IntpArray, lengths: IntpArray) -> IntpArray:
+    """``concatenate([arange(o, o + n) for o, n in zip(offsets, lengths)])``, vectorised."""
+    starts = np.cumsum(lengths) - lengths
+    out: IntpArray = np.arange(int(lengths.sum())) + np.repeat(offsets - starts, lengths)
+    return out

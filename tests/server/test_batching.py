@@ -109,7 +109,7 @@ def make(
     pool: ThreadPoolExecutor,
     observer: RecordingObserver | None = None,
     **kw: Any,
-) -> Batcher:
+) -> Batcher[list[int]]:
     opts: dict[str, Any] = {"max_batch_size": 8, "max_wait_ms": 0.0, "max_queue": 1000}
     opts.update(kw)
     return Batcher(predict, TOKENIZER.pad, executor=pool, name="m:1", observer=observer, **opts)

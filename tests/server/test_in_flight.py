@@ -10,10 +10,11 @@ import pytest
 from pydantic import ValidationError
 
 from server.artifact import load_repository_config
-from server.dataplane import WORKER_TOKENIZE_MIN_TEXTS, DataPlane
+from server.dataplane import DataPlane
 from server.errors import ConfigError
 from server.registry import Registry
 from server.settings import Settings
+from server.text import BATCH_MIN_TEXTS
 from tests.server.conftest import copy_repo
 from tests.server.test_registry import only, settings, with_registry
 
@@ -56,10 +57,8 @@ async def _concurrent_predicts(registry: Registry, name: str) -> int:
 
 async def registry_classify(registry: Registry, name: str, texts: list[str]) -> list[object]:
     mv = registry.get(name)
-    assert mv.runtime is not None
     assert mv.batcher is not None
-    encode = mv.runtime.tokenizer.encode
-    return list(await mv.batcher.submit([encode(t) for t in texts]))
+    return list(await mv.batcher.submit(texts))
 
 
 def test_models_yaml_overrides_the_server_default_and_the_batcher_obeys(repo: Path) -> None:
@@ -104,9 +103,10 @@ def test_models_yaml_rejects_zero_in_flight(repo: Path) -> None:
         load_repository_config(repo)
 
 
-def test_texts_tokenized_on_the_loop_or_in_a_worker_give_the_sessions_answers(repo: Path) -> None:
-    """Below and at/above ``WORKER_TOKENIZE_MIN_TEXTS`` (tokenized on an inference thread), and
-    beyond one batch: rows equal the session's own answers for the same texts, in order."""
+def test_batches_tokenized_one_by_one_or_together_give_the_sessions_answers(repo: Path) -> None:
+    """Below and at/above ``BATCH_MIN_TEXTS`` (a batch tokenized in numpy), with a non-ASCII
+    text among them, and beyond one batch: rows equal the session's own answers for the same
+    texts classified alone, in order."""
     words = [
         "a",
         "small",
@@ -124,12 +124,13 @@ def test_texts_tokenized_on_the_loop_or_in_a_worker_give_the_sessions_answers(re
     ]
     texts = [" ".join(words[i % 7 : i % 7 + 1 + i % 9]) for i in range(40)]
     texts[3] = ""
+    texts[9] = "Café-au-lait, naïve DOG"
 
     async def body(registry: Registry) -> None:
         plane = DataPlane(registry, registry.settings)
         mv = registry.get("noun")
         assert mv.runtime is not None
-        for n in (1, WORKER_TOKENIZE_MIN_TEXTS - 1, WORKER_TOKENIZE_MIN_TEXTS, len(texts)):
+        for n in (1, BATCH_MIN_TEXTS - 1, BATCH_MIN_TEXTS, len(texts)):
             got = await plane.probabilities(mv, texts[:n])
             want = np.concatenate(
                 [mv.runtime.predict(mv.runtime.tokenizer.encode_batch([t])) for t in texts[:n]]

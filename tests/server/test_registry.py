@@ -109,7 +109,7 @@ def test_loads_every_version_and_serves_the_newest(repo: Path) -> None:
         np.testing.assert_allclose(v1.runtime.predict(ids), v2.runtime.predict(ids), atol=1e-5)
         # Through the batcher: the same answers as the session itself, rows in order.
         assert v2.batcher is not None
-        via_batcher = await v2.batcher.submit([v2.runtime.tokenizer.encode(t) for t in TEXTS])
+        via_batcher = await v2.batcher.submit(TEXTS)
         np.testing.assert_allclose(via_batcher, v2.runtime.predict(ids), atol=1e-6)
         # One embedding copy for the whole process.
         assert registry.store is not None
@@ -343,9 +343,7 @@ def test_close_drains_queued_work(repo: Path) -> None:
         await asyncio.wait_for(registry.wait_loaded(), 120)
         mv = registry.get("pos")
         assert mv.batcher is not None
-        assert mv.runtime is not None
-        encoded = [mv.runtime.tokenizer.encode(t) for t in TEXTS]
-        pending = [asyncio.ensure_future(mv.batcher.submit(encoded)) for _ in range(5)]
+        pending = [asyncio.ensure_future(mv.batcher.submit(TEXTS)) for _ in range(5)]
         await asyncio.sleep(0)  # let them queue
         await registry.close(30)
         results = await asyncio.gather(*pending)

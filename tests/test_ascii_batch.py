@@ -1,0 +1,125 @@
+"""The numpy batch tokenizer (server/ascii_batch.py, server/token_hash.py) against the reference.
+
+``Tokenizer.encode_batch`` must give exactly ``pad(encode_many(texts))``, the per-text Python
+path the toolchain trains with: on all of WordNet's glosses with the real GloVe vocabulary
+(400k words: the hot and the cold table), on random text built to hit every rule of the
+token pattern, on batches mixing ASCII and non-ASCII texts, and on batches larger than one
+encoding window.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from server.artifact import OOV_ID, TokenizerSpec
+from server.ascii_batch import WINDOW_BYTES, encode_ascii, token_spans
+from server.text import BATCH_MIN_TEXTS, HOT_TOKENS, Tokenizer, Vocabulary, tokenize
+from server.token_hash import TokenTable, span_hashes, string_hashes
+from tests.test_text_hypothesis import specs
+
+SMALL = Vocabulary.from_words(["the", "cat", "sat", "don't", "u.s.", "a-b", "x_y", "9.5", "-", "."])
+
+
+@functools.cache
+def glove_vocabulary() -> Vocabulary:
+    from models.embeddings import load_glove
+
+    return Vocabulary.from_words(load_glove().words)
+
+
+@functools.cache
+def glosses() -> list[str]:
+    from models.data import load_wordnet
+
+    data = load_wordnet("pos")
+    return [*data.train.texts, *data.validation.texts, *data.test.texts]
+
+
+def reference(tokenizer: Tokenizer, texts: list[str]) -> np.ndarray:
+    return tokenizer.pad(tokenizer.encode_many(texts))
+
+
+@pytest.mark.parametrize(
+    "spec",
+    [
+        TokenizerSpec(),
+        TokenizerSpec(max_len=12),
+        TokenizerSpec(max_len=40, fixed_len=25),
+        TokenizerSpec(lowercase=False, min_len=5),
+    ],
+    ids=["default", "max_len-12", "fixed-25", "cased"],
+)
+def test_every_wordnet_gloss_encodes_as_the_reference_does(spec: TokenizerSpec) -> None:
+    tokenizer = Tokenizer(glove_vocabulary(), spec)
+    texts = glosses()
+    assert len(texts) > 100_000
+    for start in range(0, len(texts), 1024):
+        batch = texts[start : start + 1024]
+        np.testing.assert_array_equal(tokenizer.encode_batch(batch), reference(tokenizer, batch))
+
+
+def test_glosses_use_both_tables_and_unknown_words() -> None:
+    tokenizer = Tokenizer(glove_vocabulary(), TokenizerSpec())
+    ids = tokenizer.encode_batch(glosses()[:5000])
+    assert (ids >= HOT_TOKENS).any()
+    assert ((ids > OOV_ID) & (ids < HOT_TOKENS)).any()
+    assert (ids == OOV_ID).any()
+
+
+# Characters that decide the token pattern: word bytes, the three joiners, whitespace that
+# re.ASCII does and does not count (\x1c-\x1f), punctuation, control bytes, and upper case.
+edge_chars = st.sampled_from(list("aZ9_'-.  \t\n\r\x0b\x0c\x1c\x1f!,;()\x00\x7f\"#"))
+ascii_texts = st.lists(edge_chars | st.sampled_from(["the", "u.s.", "don't", "a-b"])).map(
+    "".join
+) | st.text(st.characters(max_codepoint=127), max_size=80)
+
+
+@given(text=ascii_texts)
+@settings(max_examples=400)
+def test_token_spans_are_the_reference_tokens(text: str) -> None:
+    buf = np.frombuffer(text.encode("ascii"), dtype=np.uint8)
+    starts, ends = token_spans(buf)
+    assert [text[s:e] for s, e in zip(starts, ends, strict=True)] == tokenize(text, False)
+
+
+any_texts = ascii_texts | st.text(max_size=40)
+
+
+@given(batch=st.lists(any_texts, min_size=BATCH_MIN_TEXTS, max_size=24), spec=specs)
+@settings(max_examples=200)
+def test_mixed_batches_encode_as_the_reference_does(batch: list[str], spec: TokenizerSpec) -> None:
+    tokenizer = Tokenizer(SMALL, spec)
+    np.testing.assert_array_equal(tokenizer.encode_batch(batch), reference(tokenizer, batch))
+
+
+def test_batches_larger_than_one_window_and_texts_longer_than_the_cached_powers() -> None:
+    tokenizer = Tokenizer(SMALL, TokenizerSpec(max_len=10_000))
+    word = "the cat sat-on u.s. don't!"
+    batch = [word * (500 + i) for i in range(BATCH_MIN_TEXTS * 2)]
+    assert sum(map(len, batch)) > 4 * WINDOW_BYTES
+    batch[3] = "a-b " * 9_000  # one text longer than a window (36,000 bytes)
+    np.testing.assert_array_equal(tokenizer.encode_batch(batch), reference(tokenizer, batch))
+    ids, counts = encode_ascii(batch, lowercase=True, limit=10_000, table=SMALL.table)
+    assert counts.tolist() == [len(tokenizer.encode(t)) for t in batch]
+    assert len(ids) == counts.sum()
+
+
+def test_a_spans_hash_does_not_depend_on_where_it_lies() -> None:
+    buf = np.frombuffer(b"cat the cat xcat", dtype=np.uint8)
+    h = span_hashes(buf, np.array([0, 8, 13]), np.array([3, 11, 16]))
+    assert h[0] == h[1] == h[2] == string_hashes(["cat"])[0]
+    assert len(set(string_hashes(["cat", "act", "cat ", "ca", "\ud800"]).tolist())) == 5
+
+
+def test_token_table_probes_past_collisions_and_keeps_the_lower_id() -> None:
+    # Hashes that all land in hot slot 5, a duplicate of a hot and of a cold hash, misses.
+    hashes = np.array([5, 5 + 64, 5 + 128, 7, 5 + 64, 1000, 1001, 1000, 7], dtype=np.uint64)
+    table = TokenTable(hashes, hot=5, missing=-9)
+    queries = np.array([5, 5 + 64, 5 + 128, 7, 1000, 1001, 6, 5 + 192, 2**63], dtype=np.uint64)
+    assert table.lookup(queries).tolist() == [0, 1, 2, 3, 5, 6, -9, -9, -9]
+    assert table.lookup_cold(queries).tolist() == [-9, -9, -9, 8, 5, 6, -9, -9, -9]
