@@ -83,3 +83,8 @@ class Settings(BaseSettings):
     """On SIGTERM, how long in-flight requests may take to finish."""
     admin_token: SecretStr | None = None
     """Bearer token for /v2/repository/* admin routes; unset → those routes answer 403."""
+    opentelemetry: bool = False
+    """Let FastAPI's native OpenTelemetry instrumentation trace and measure requests (it needs
+    an OpenTelemetry SDK configured in the process). Off by default: the Prometheus metrics
+    cover every request, and FastAPI's check for a configured provider cost ~3 us a request,
+    ~2 % of the event loop's time per single-text request (measured)."""

@@ -143,6 +143,11 @@ def create_app(settings: Settings, *, serve_when_loaded: bool = False) -> FastAP
         version=__version__,
         summary="Multi-model CPU inference server for TensorFlow text classifiers",
         lifespan=lifespan,
+        telemetry={
+            "tracing": settings.opentelemetry,
+            "metrics": settings.opentelemetry,
+            "logs": settings.opentelemetry,
+        },
     )
     app.state.settings = settings
     app.state.registry = registry
