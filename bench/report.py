@@ -6,6 +6,8 @@ import statistics
 from pathlib import Path
 from typing import Any
 
+from bench.run import ABLATION_WAIT_MS, WAIT
+
 KINDS = {"batch": "64 texts/request", "single": "1 text/request"}
 SERVERS = ("textserve", "naive", "textserve-2w")
 WORKERS2_TITLE = "textserve --workers 2"
@@ -208,14 +210,14 @@ def _workers(model: dict[str, Any]) -> list[str]:
 
 
 def _ablation(model: dict[str, Any]) -> list[str]:
-    runs = _runs(model, "textserve-max-wait-0")
+    runs = _runs(model, WAIT)
     if not runs:
         return []
     lines = [
         "",
-        "max_wait_ms ablation (textserve, 1 text/request): default 2 ms vs 0 ms",
+        f"max_wait_ms ablation (textserve, 1 text/request): default 0 ms vs {ABLATION_WAIT_MS} ms",
         "",
-        "| conc. | 2 ms texts/s | p99 ms | 0 ms texts/s | p99 ms |",
+        f"| conc. | 0 ms texts/s | p99 ms | {ABLATION_WAIT_MS} ms texts/s | p99 ms |",
         "|---:|---:|---:|---:|---:|",
     ]
     for r in runs:

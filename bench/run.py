@@ -1,8 +1,9 @@
 """One benchmark run: per model, in-process ceiling, textserve and the naive server side by side.
 
 For each model the servers (textserve, the naive server and, unless disabled, textserve with
-``max_wait_ms=0``) are started together, each its own process pinned to the server CPUs, and
-polled until they answer; this process loads the same runtime for the in-process ceiling.
+``max_wait_ms`` = :data:`ABLATION_WAIT_MS` against the default 0) are started together, each
+its own process pinned to the server CPUs, and polled until they answer; this process loads
+the same runtime for the in-process ceiling.
 Then, ``repeats`` times: the ceiling is sampled, and for every (request kind, concurrency)
 point wrk drives each server in turn, back to back, alternating which goes first. Only one
 thing is measured at a time; the others sit idle. Reported figures are medians over the
@@ -30,7 +31,9 @@ from bench.texts import gloss_texts, joined_texts, mean_tokens, write_bodies
 from bench.wrk import run_wrk
 
 Log = Callable[[str], None]
-WAIT0 = "textserve-max-wait-0"
+ABLATION_WAIT_MS = 2
+"""The ``max_wait_ms`` the ablation variant runs with (the default is 0)."""
+WAIT = f"textserve-max-wait-{ABLATION_WAIT_MS}"
 WORKERS2 = "textserve-2w"
 WORKERS2_SETTINGS = {"workers": "2"}
 """textserve with two worker processes sharing the port, TensorFlow's default 2 intra-op threads
@@ -171,8 +174,8 @@ def bench_model(key: str, glosses: Sequence[str], opts: Options) -> dict[str, An
                 model, workdir / "textserve-2w.log", cpus, WORKERS2_SETTINGS
             )
         if ablation_points:
-            servers[WAIT0] = start_textserve(
-                model, workdir / "textserve-wait0.log", cpus, {"max_wait_ms": "0"}
+            servers[WAIT] = start_textserve(
+                model, workdir / f"{WAIT}.log", cpus, {"max_wait_ms": str(ABLATION_WAIT_MS)}
             )
         for name, s in servers.items():
             wait_ready(s, probe)
@@ -196,7 +199,7 @@ def bench_model(key: str, glosses: Sequence[str], opts: Options) -> dict[str, An
                     if opts.workers_variant:
                         names.append(WORKERS2)
                     if point in ablation_points:
-                        names.append(WAIT0)
+                        names.append(WAIT)
                     shift = (rep + i) % len(names)  # alternate who goes first
                     for name in names[shift:] + names[:shift]:
                         row = _point(servers[name], bodies, opts, *point)

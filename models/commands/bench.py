@@ -80,7 +80,9 @@ def configure(parser: argparse.ArgumentParser) -> None:
         help="CPUs each server process is pinned to (default: all this process may use)",
     )
     parser.add_argument(
-        "--no-ablation", action="store_true", help="skip the max_wait_ms=0 textserve runs"
+        "--no-ablation",
+        action="store_true",
+        help="skip the textserve runs with max_wait_ms=2 (the default is 0)",
     )
     parser.add_argument(
         "--no-workers",

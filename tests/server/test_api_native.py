@@ -161,7 +161,7 @@ def test_model_list(client: httpx.Client, live_server: LiveServer) -> None:
         assert v["memory"]["rss_after"] > 0
         assert v["batching"] == {
             "max_batch_size": 64,
-            "max_wait_ms": 2.0,
+            "max_wait_ms": 0.0,
             "max_queue": 4096,
             "max_in_flight": 1,
         }
