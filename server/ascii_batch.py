@@ -93,6 +93,8 @@ def encode_ascii(
         start = stop
     if len(ids) == 1:
         return ids[0], counts[0]
+    if not ids:
+        return np.zeros(0, dtype=np.int32), np.zeros(0, dtype=np.intp)
     return np.concatenate(ids), np.concatenate(counts)
 
 

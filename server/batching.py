@@ -19,7 +19,8 @@ Scheduling policy (all times on the monotonic clock):
   so in practice the hold only applies after very short batches, giving the clients just
   answered time to come back and join). ``max_wait_ms=0`` (the server's default) makes the
   batcher purely work-conserving: on closed-loop clients the hold, aimed at a full batch that
-  fewer clients than ``max_batch_size`` can never fill, measured as pure delay.
+  fewer clients than ``max_batch_size`` can never fill, is mostly delay (measured side by
+  side in ``docs/bench/README.md``).
 * **At most ``max_in_flight`` predicts at once** (default 1; ``TEXTSERVE_MAX_IN_FLIGHT`` or
   models.yaml ``batching.max_in_flight``). With more than one, an extra predict starts only
   when its batch is full or its oldest request has waited ``max_wait_ms``. On 2 shared cores 2

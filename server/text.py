@@ -60,7 +60,7 @@ class Vocabulary:
     (the most frequent words, in GloVe's order) are a dict, for texts tokenized one at a time;
     every token's 64-bit hash of its UTF-8 bytes goes into a
     :class:`~server.token_hash.TokenTable` (a cache-sized open-addressing table for the hot
-    entries, a sorted array for the rest: ~3.4 MiB for 220k tokens), used for the rarer tokens
+    entries, a sorted array for the rest: 3.0 MiB for 220k tokens), used for the rarer tokens
     of a single text and for all tokens of a batch (:mod:`server.ascii_batch`). A token outside
     the vocabulary could only be mistaken for a vocabulary token if their 64-bit hashes collide
     (probability about ``len(vocab) / 2**64`` per token, ~1e-14); two vocabulary tokens sharing

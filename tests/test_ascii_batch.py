@@ -107,6 +107,8 @@ def test_batches_larger_than_one_window_and_texts_longer_than_the_cached_powers(
     ids, counts = encode_ascii(batch, lowercase=True, limit=10_000, table=SMALL.table)
     assert counts.tolist() == [len(tokenizer.encode(t)) for t in batch]
     assert len(ids) == counts.sum()
+    ids, counts = encode_ascii([], lowercase=True, limit=10, table=SMALL.table)
+    assert (ids.shape, counts.shape) == ((0,), (0,))
 
 
 def test_a_spans_hash_does_not_depend_on_where_it_lies() -> None:
