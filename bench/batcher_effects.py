@@ -3,7 +3,8 @@
 * **length grouping**: one request of 1024 mixed-length texts, chunked into batches of 64 in
   arrival order vs. in order of length (``group_by_length``): wall time and padded cells.
 * **predicts in flight**: 64 closed-loop clients submitting one text each, with at most 1 vs 2
-  ``predict`` calls running at once (2 executor threads, the server's default); the two
+  ``predict`` calls running at once (2 executor threads and ``max_wait_ms``: the server's
+  defaults; texts tokenized per batch, as in the server); the two
   settings alternate ``reps`` times and the medians are reported.
 """
 
@@ -20,6 +21,7 @@ import numpy as np
 
 from server.batching import Batcher
 from server.runtime.base import ProbArray
+from server.settings import Settings
 from server.text import IdArray
 
 
@@ -83,14 +85,12 @@ def length_grouping(
 def in_flight(
     runtime: Any, texts: Sequence[str], seconds: float, clients: int = 64, reps: int = 3
 ) -> dict[str, Any]:
-    encoded = [runtime.tokenizer.encode(t) for t in texts]
-
     async def run(limit: int, pool: ThreadPoolExecutor) -> dict[str, float]:
-        b = Batcher(
+        b = Batcher(  # as the server builds it: raw texts, tokenized per batch
             runtime.predict,
-            runtime.tokenizer.pad,
+            runtime.tokenizer.encode_batch,
             max_batch_size=64,
-            max_wait_ms=2.0,
+            max_wait_ms=Settings(_env_file=None).max_wait_ms,
             max_queue=4096,
             executor=pool,
             max_in_flight=limit,
@@ -103,7 +103,7 @@ def in_flight(
             i = k
             while time.monotonic() < end:
                 t0 = time.monotonic()
-                await b.submit([encoded[i % len(encoded)]])
+                await b.submit([texts[i % len(texts)]])
                 latencies.append(time.monotonic() - t0)
                 i += clients
 
