@@ -80,14 +80,17 @@ def encode_ascii(
     number of ids of each text. Every text must be ASCII."""
     ids: list[npt.NDArray[np.int32]] = []
     counts: list[IntpArray] = []
+    widths = np.fromiter(map(len, texts), dtype=np.intp, count=len(texts))
+    widths += 1  # the separator
+    ends = np.cumsum(widths)  # where each text ends if all were joined, separator included
+    begins = ends - widths
     start = 0
-    sizes = np.fromiter(map(len, texts), dtype=np.intp, count=len(texts))
-    sizes += 1
-    bounds = np.cumsum(sizes)
     while start < len(texts):
-        offset = int(bounds[start - 1]) if start else 0
-        stop = max(start + 1, int(np.searchsorted(bounds, offset + WINDOW_BYTES, "right")))
-        group_ids, group_counts = _encode_group(texts[start:stop], lowercase, limit, table)
+        offset = int(begins[start])
+        stop = max(start + 1, int(np.searchsorted(ends, offset + WINDOW_BYTES, "right")))
+        group_ids, group_counts = _encode_group(
+            texts[start:stop], begins[start:stop] - offset, lowercase, limit, table
+        )
         ids.append(group_ids)
         counts.append(group_counts)
         start = stop
@@ -99,16 +102,19 @@ def encode_ascii(
 
 
 def _encode_group(
-    texts: Sequence[str], lowercase: bool, limit: int, table: TokenTable
+    texts: Sequence[str],
+    text_starts: IntpArray,
+    lowercase: bool,
+    limit: int,
+    table: TokenTable,
 ) -> tuple[npt.NDArray[np.int32], IntpArray]:
+    """:func:`encode_ascii` of texts that fit one window; ``text_starts``: where each begins in
+    their ``\n``-join."""
     joined = "\n".join(texts)
     if lowercase:
         joined = joined.lower()
     buf = np.frombuffer(joined.encode("ascii"), dtype=np.uint8)
     starts, ends = token_spans(buf)
-    sizes = np.fromiter(map(len, texts), dtype=np.intp, count=len(texts))
-    text_starts = np.zeros(len(texts), dtype=np.intp)
-    np.cumsum(sizes[:-1] + 1, out=text_starts[1:])
     first = np.searchsorted(starts, text_starts)  # each text's first token
     counts: IntpArray = np.diff(first, append=len(starts))
     if len(counts) and int(counts.max()) > limit:

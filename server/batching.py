@@ -222,11 +222,10 @@ class Batcher(Generic[Item]):
         """Predicts currently running in the executor."""
         return self._in_flight
 
-    def admit(self, n: int) -> None:
-        """Raise what ``submit`` of ``n`` texts would raise right now for capacity reasons:
-        :class:`ShuttingDown` (closing), :class:`BadRequest` (no texts),
-        :class:`PayloadTooLarge` (more than ``max_queue`` texts) or :class:`Overloaded` (the
-        queue cannot take them). Lets a caller refuse work before paying for tokenization."""
+    def _admit(self, n: int) -> None:
+        """Raise, for capacity reasons, :class:`ShuttingDown` (closing), :class:`BadRequest`
+        (no texts), :class:`PayloadTooLarge` (more than ``max_queue`` texts) or
+        :class:`Overloaded` (the queue cannot take them): before any work is queued."""
         if self._closing:
             raise ShuttingDown(f"model {self.name} is shutting down")
         if n == 0:
@@ -251,7 +250,7 @@ class Batcher(Generic[Item]):
         if loop is None:
             raise RuntimeError(f"batcher {self.name!r}: start() was not called")
         n = len(encoded)
-        self.admit(n)
+        self._admit(n)
         now = time.monotonic()
         if deadline is not None and now >= deadline:
             raise DeadlineExceeded("deadline passed before the request was queued")

@@ -249,10 +249,11 @@ class Tokenizer:
         spec = self.spec
         limit = spec.fixed_len or spec.max_len
         table = self.vocab.table
-        plain = [i for i, t in enumerate(texts) if t.isascii()]
-        if len(plain) == len(texts):
+        is_ascii = [t.isascii() for t in texts]
+        if all(is_ascii):
             return encode_ascii(texts, lowercase=spec.lowercase, limit=limit, table=table)
-        other = [i for i, t in enumerate(texts) if not t.isascii()]
+        plain = [i for i, a in enumerate(is_ascii) if a]
+        other = [i for i, a in enumerate(is_ascii) if not a]
         rows = self.encode_many([texts[i] for i in other])
         lengths = np.zeros(len(texts), dtype=np.intp)
         lengths[other] = [len(r) for r in rows]

@@ -53,8 +53,9 @@ def _powers(base: np.uint64, n: int) -> HashArray:
     return out
 
 
+_BASE_INVERSE = _U(_inverse(int(_BASE)))
 _POW = _powers(_BASE, _CACHED_POWERS)
-_INV = _powers(_U(_inverse(int(_BASE))), _CACHED_POWERS)
+_INV = _powers(_BASE_INVERSE, _CACHED_POWERS)
 
 
 def span_hashes(buf: npt.NDArray[np.uint8], starts: IntpArray, ends: IntpArray) -> HashArray:
@@ -63,7 +64,7 @@ def span_hashes(buf: npt.NDArray[np.uint8], starts: IntpArray, ends: IntpArray) 
     if n <= _CACHED_POWERS:
         pow_, inv = _POW[:n], _INV
     else:
-        pow_, inv = _powers(_BASE, n), _powers(_U(_inverse(int(_BASE))), n)
+        pow_, inv = _powers(_BASE, n), _powers(_BASE_INVERSE, n)
     prefix = np.empty(n + 1, dtype=_U)
     prefix[0] = 0
     np.cumsum(buf * pow_, out=prefix[1:])
@@ -100,22 +101,20 @@ class TokenTable:
         hot = min(hot, len(hashes))
         size = 1 << max(4, int(3 * hot - 1).bit_length())  # load factor <= 1/3
         self._mask = _U(size - 1)
-        keys = np.zeros(size, dtype=_U)
-        ids = np.full(size, -1, dtype=np.int32)
-        slot_of: dict[int, int] = {}
-        taken = set()
+        keys = [0] * size
+        ids = [-1] * size  # -1: an empty slot
+        seen: set[int] = set()
         for token_id, key in enumerate(hashes[:hot].tolist()):
-            if key in slot_of:
+            if key in seen:
                 continue  # an equal hash: the lower id stays
+            seen.add(key)
             slot = key & (size - 1)
-            while slot in taken:
+            while ids[slot] >= 0:
                 slot = (slot + 1) & (size - 1)
-            taken.add(slot)
-            slot_of[key] = slot
             keys[slot] = key
             ids[slot] = token_id
-        self._hot_keys = keys
-        self._hot_ids = ids
+        self._hot_keys = np.array(keys, dtype=_U)
+        self._hot_ids = np.array(ids, dtype=np.int32)
         cold = hashes[hot:]
         order = np.argsort(cold, kind="stable")  # equal hashes: the lowest id first
         ordered = cold[order]
