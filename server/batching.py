@@ -52,6 +52,13 @@ Scheduling policy (all times on the monotonic clock):
   request whose deadline passes before (the rest of) its work starts fails with
   :class:`~server.errors.DeadlineExceeded` and its remaining texts are dropped; once all of its
   chunks have started it is answered.
+* **Idle split** (``idle_split``, default 1 = off). A batch dispatched to an idle model (nothing
+  running, nothing queued: a lone request) is tokenized once, then run as up to ``idle_split``
+  concurrent predicts of row slices of at least :data:`MIN_SPLIT_ROWS` rows (the extra slices
+  on ``split_executor``'s threads). With one intra-op thread per session (and as many inter-op
+  threads as slices) a lone request then uses the cores one thread per batch leaves idle, while
+  batches that follow one another under load run whole, one core each, which costs less CPU per
+  text than TensorFlow's own intra-op split (``docs/bench/README.md``).
 * ``prepare`` and ``predict`` run together in the executor, off the event loop.
 * ``close(timeout)`` refuses new work (:class:`~server.errors.ShuttingDown`), runs everything
   queued, and after ``timeout`` fails whatever is left with ``ShuttingDown``.
@@ -80,6 +87,9 @@ from server.text import IdArray
 __all__ = ["BatchObserver", "Batcher"]
 
 Item = TypeVar("Item", bound=Sized)
+
+MIN_SPLIT_ROWS = 8
+"""An idle split never makes a slice smaller than this many texts."""
 
 
 class BatchObserver(Protocol):
@@ -172,6 +182,8 @@ class Batcher(Generic[Item]):
         max_in_flight: int = 1,
         group_by_length: bool = True,
         stage_full_batches: bool = True,
+        idle_split: int = 1,
+        split_executor: concurrent.futures.Executor | None = None,
     ) -> None:
         if max_batch_size < 1:
             raise ValueError("max_batch_size must be >= 1")
@@ -181,6 +193,10 @@ class Batcher(Generic[Item]):
             raise ValueError("max_queue must be >= 1")
         if max_in_flight < 1:
             raise ValueError("max_in_flight must be >= 1")
+        if idle_split < 1:
+            raise ValueError("idle_split must be >= 1")
+        if idle_split > 1 and split_executor is None:
+            raise ValueError("idle_split > 1 needs a split_executor")
         self._predict = predict
         self._prepare = prepare
         self._max_batch = max_batch_size
@@ -192,6 +208,8 @@ class Batcher(Generic[Item]):
         self._max_in_flight = max_in_flight
         self._group_by_length = group_by_length
         self._stage_full = stage_full_batches
+        self._idle_split = idle_split
+        self._split_executor = split_executor
         self._run_slots = threading.BoundedSemaphore(max_in_flight)
         """Predicts running now; a staged batch's thread waits here (never the event loop)."""
 
@@ -317,10 +335,11 @@ class Batcher(Generic[Item]):
                 if now < due:
                     self._arm_fill_timer(due)
                     return
+            split = self._idle_split if force else 1
             force = False
             parts, texts = self._form_batch(now)
             if parts:
-                self._launch(parts, texts)
+                self._launch(parts, texts, split)
         self._check_drained()
 
     def _form_batch(self, now: float) -> tuple[list[_Part], list[Item]]:
@@ -352,11 +371,11 @@ class Batcher(Generic[Item]):
         self._depth_changed()
         return parts, texts
 
-    def _launch(self, parts: list[_Part], texts: list[Item]) -> None:
+    def _launch(self, parts: list[_Part], texts: list[Item], split: int = 1) -> None:
         assert self._loop is not None
         self._in_flight += 1
         try:
-            cfut = self._executor.submit(self._execute, texts)
+            cfut = self._executor.submit(self._execute, texts, split)
         except RuntimeError as exc:  # executor shut down
             self._in_flight -= 1
             for part in parts:
@@ -365,19 +384,34 @@ class Batcher(Generic[Item]):
         afut = asyncio.wrap_future(cfut, loop=self._loop)
         afut.add_done_callback(functools.partial(self._on_batch_done, parts, len(texts)))
 
-    def _execute(self, texts: list[Item]) -> tuple[ProbArray, float]:
+    def _execute(self, texts: list[Item], split: int = 1) -> tuple[ProbArray, float]:
         """Runs in the executor: prepare the ids (tokenize, pad to the longest text), wait for a
-        run slot, predict (timed)."""
+        run slot, predict (timed; in up to ``split`` concurrent slices)."""
         ids = self._prepare(texts)
         with self._run_slots:
             t0 = time.perf_counter()
-            probs = self._predict(ids)
+            probs = self._predict_split(ids, split) if split > 1 else self._predict(ids)
             elapsed = time.perf_counter() - t0
         if probs.ndim != 2 or probs.shape[0] != len(texts):
             raise RuntimeError(
                 f"model {self.name}: predict returned shape {probs.shape} for {len(texts)} texts"
             )
         return probs, elapsed
+
+    def _predict_split(self, ids: IdArray, split: int) -> ProbArray:
+        """``predict(ids)`` as up to ``split`` concurrent predicts of row slices: all but the
+        first on the split executor, the first on this thread."""
+        ways = min(split, len(ids) // MIN_SPLIT_ROWS)
+        if ways < 2:
+            return self._predict(ids)
+        assert self._split_executor is not None
+        slices = np.array_split(ids, ways)
+        rest = [self._split_executor.submit(self._predict, part) for part in slices[1:]]
+        try:
+            first = self._predict(slices[0])
+        finally:
+            concurrent.futures.wait(rest)  # never leave a slice running unwaited
+        return np.concatenate([first, *(f.result() for f in rest)])
 
     def _on_batch_done(
         self, parts: list[_Part], size: int, afut: asyncio.Future[tuple[ProbArray, float]]

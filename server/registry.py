@@ -296,6 +296,8 @@ class Registry:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._loader: concurrent.futures.ThreadPoolExecutor | None = None
         self._inference: concurrent.futures.ThreadPoolExecutor | None = None
+        self._split: concurrent.futures.ThreadPoolExecutor | None = None
+        """Threads for the extra slices of idle splits (``settings.idle_split`` > 1)."""
         self._store: EmbeddingStore | None = None
         self._initial: concurrent.futures.Future[None] | None = None
         self._closing = False
@@ -320,6 +322,10 @@ class Registry:
         self._inference = concurrent.futures.ThreadPoolExecutor(
             max_workers=self.settings.inference_threads, thread_name_prefix="textserve-infer"
         )
+        if self.settings.batch_idle_split > 1:
+            self._split = concurrent.futures.ThreadPoolExecutor(
+                max_workers=self.settings.batch_idle_split - 1, thread_name_prefix="textserve-split"
+            )
         self._loader = concurrent.futures.ThreadPoolExecutor(
             max_workers=1, thread_name_prefix="textserve-loader"
         )
@@ -364,6 +370,8 @@ class Registry:
             self._entries.clear()
         if self._inference is not None:
             self._inference.shutdown(wait=True, cancel_futures=True)
+        if self._split is not None:  # after: an inference thread waits for its slices
+            self._split.shutdown(wait=True)
 
     # -- operations (run on the loader thread, one at a time) ------------------------------
 
@@ -673,8 +681,8 @@ class Registry:
                     path,
                     store=self._store,
                     embedding_dir=embedding_dir,
-                    intra_op_threads=self.settings.intra_op_threads,
-                    inter_op_threads=self.settings.inter_op_threads,
+                    intra_op_threads=self.settings.session_intra_op_threads,
+                    inter_op_threads=self.settings.session_inter_op_threads,
                 )
                 t1 = time.monotonic()
                 if self.settings.warmup:
@@ -701,6 +709,8 @@ class Registry:
                     max_queue=mv.batching.max_queue,
                     max_in_flight=mv.batching.max_in_flight,
                     stage_full_batches=self.settings.stage_full_batches,
+                    idle_split=self.settings.batch_idle_split,
+                    split_executor=self._split,
                     executor=self._inference,
                     name=f"{mc.name}:{number}",
                     observer=self.listener.batch_observer(mv) if self.listener else None,

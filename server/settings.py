@@ -5,6 +5,7 @@ Precedence: CLI flags > environment (``TEXTSERVE_PORT=9000``) > ``.env`` file > 
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 from pydantic import Field, SecretStr
@@ -27,19 +28,21 @@ class Settings(BaseSettings):
 
     workers: int = Field(default=1, ge=1, le=64)
     """Server processes sharing the port (SO_REUSEPORT), each with its own TensorFlow and
-    sessions; the embedding's mmap'd pages are shared. On 2 cores, 2 workers measured 0.88-0.99
-    of the in-process ceiling for 64-text requests at 8-64 connections (1 process: 0.71-0.81)
-    and 0.56-0.60 for single texts at 64 (0.45-0.48), at ~+350 MiB private memory per extra worker
-    (docs/bench/README.md). With more than one, admin load/unload answer 409 and /v1/memory
-    describes the worker that answered."""
-    intra_op_threads: int = Field(default=2, ge=0)
-    """TensorFlow intra-op threads per session (0 = TensorFlow's default)."""
-    inter_op_threads: int = Field(default=1, ge=0)
+    sessions; the embedding's mmap'd pages are shared. With the thread settings unset, each of
+    2 workers on 2 cores runs batches on one core and splits a lone request over both
+    (``idle_split``). Against 2 intra-op threads per worker, side by side (5 reps): single
+    texts +13 % texts/s at 64 connections, +29 % at 8, +31 % at 1; 64-text requests level at 1
+    connection (0.88 of the in-process ceiling), +4 % at 8 and 64 (docs/bench/README.md). Costs
+    ~+350 MiB private memory per extra worker. With more than one, admin load/unload answer 409
+    and /v1/memory describes the worker that answered."""
+    intra_op_threads: int | None = Field(default=None, ge=0)
+    """TensorFlow intra-op threads per session (0 = TensorFlow's default). Unset: the CPUs this
+    process may use divided by ``workers`` (at least 1): 2 for one process on 2 cores, 1 for
+    each of 2 workers."""
+    inter_op_threads: int | None = Field(default=None, ge=0)
     """TensorFlow inter-op threads per session (0 = TensorFlow's default). With one, a session
-    runs the kernels of concurrent predicts one after the other. One process on 2 cores with
-    intra_op_threads=1, 2 inter-op threads, max_in_flight 2 and max_batch_size 32 measured level
-    with the defaults for a lone client and +24 % (64-text requests, 8 clients) / +14 % (single
-    texts, 64 clients) under load; not the default yet (docs/bench/README.md)."""
+    runs the kernels of concurrent predicts one after the other. Unset: ``idle_split``'s value,
+    so the slices of an idle split run at once."""
     inference_threads: int = Field(default=2, ge=1)
     """Threads running session.run off the event loop (shared by all models)."""
 
@@ -57,6 +60,14 @@ class Settings(BaseSettings):
     """Default number of predicts (session.run) one model version runs at once; models.yaml may
     override. 2 lets a batch start while another runs (needs inference_threads >= 2): on 2 shared
     cores +5-12 % texts/s, but more CPU per single text and a worse p99 (docs/bench/README.md)."""
+
+    idle_split: int | None = Field(default=None, ge=1, le=16)
+    """A batch that starts while its model is idle (a lone request) runs as up to this many
+    concurrent predicts of row slices (at least 8 texts each), tokenized once: with one intra-op
+    thread per session a lone request still uses the idle cores, while batches that follow one
+    another under load run whole, one core each (cheaper per text than TensorFlow's intra-op
+    split). Needs ``inter_op_threads`` >= this. Unset: the CPUs divided by the intra-op threads
+    (1 for one process on 2 cores, 2 for each of 2 workers); 1 = off."""
 
     stage_full_batches: bool = True
     """Hand a full batch to an inference thread while ``max_in_flight`` predicts run: it is
@@ -92,3 +103,32 @@ class Settings(BaseSettings):
     an OpenTelemetry SDK configured in the process). Off by default: the Prometheus metrics
     cover every request, and FastAPI's check for a configured provider cost ~3 us a request,
     ~2 % of the event loop's time per single-text request (measured)."""
+
+    # -- resolved thread layout (the unset fields' values) ------------------------------------
+
+    @property
+    def session_intra_op_threads(self) -> int:
+        if self.intra_op_threads is not None:
+            return self.intra_op_threads
+        return max(1, available_cpus() // self.workers)
+
+    @property
+    def batch_idle_split(self) -> int:
+        if self.idle_split is not None:
+            return self.idle_split
+        intra = self.session_intra_op_threads or available_cpus()
+        return max(1, available_cpus() // intra)
+
+    @property
+    def session_inter_op_threads(self) -> int:
+        if self.inter_op_threads is not None:
+            return self.inter_op_threads
+        return self.batch_idle_split
+
+
+def available_cpus() -> int:
+    """CPUs this process may run on (its affinity mask, e.g. ``taskset`` or a cpuset)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # pragma: no cover - not on Linux
+        return os.cpu_count() or 1

@@ -552,3 +552,86 @@ def test_close_gives_up_after_timeout(pool: ThreadPoolExecutor) -> None:
 
     run(go)
     assert len(model.batches) == 1
+
+
+# -- idle split ------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def split_pool() -> Iterator[ThreadPoolExecutor]:
+    with ThreadPoolExecutor(max_workers=1) as ex:
+        yield ex
+
+
+def test_a_lone_request_runs_as_concurrent_slices(
+    pool: ThreadPoolExecutor, split_pool: ThreadPoolExecutor
+) -> None:
+    model = GatedModel()
+    encoded = texts(random.Random(5), 21)
+
+    async def go() -> ProbArray:
+        b = make(model.predict, pool, max_batch_size=32, idle_split=2, split_executor=split_pool)
+        b.start()
+        model.gate.clear()
+        task = asyncio.ensure_future(b.submit(encoded))
+        await wait_for(lambda: len(model.batches) == 2)  # both slices run at once
+        assert b.in_flight == 1, "the slices are one batch to the scheduler"
+        model.gate.set()
+        return await task
+
+    out = run(go)
+    assert sorted(len(x) for x in model.batches) == [10, 11]
+    np.testing.assert_array_equal(out, alone(row_probs, encoded))
+
+
+def test_back_to_back_batches_and_small_ones_run_whole(
+    pool: ThreadPoolExecutor, split_pool: ThreadPoolExecutor
+) -> None:
+    model = GatedModel()
+    rng = random.Random(6)
+    small, queued = texts(rng, 15), texts(rng, 24)
+
+    async def go() -> list[ProbArray]:
+        b = make(model.predict, pool, max_batch_size=32, idle_split=2, split_executor=split_pool)
+        b.start()
+        model.gate.clear()
+        first = asyncio.ensure_future(b.submit(small))  # idle, but under 2 x 8 texts
+        await wait_for(lambda: len(model.batches) == 1)
+        second = asyncio.ensure_future(b.submit(queued))  # waits behind a running batch
+        await wait_for(lambda: b.queue_depth == 24)
+        model.gate.set()
+        return list(await asyncio.gather(first, second))
+
+    out = run(go)
+    assert [len(x) for x in model.batches] == [15, 24]
+    np.testing.assert_array_equal(out[0], alone(row_probs, small))
+    np.testing.assert_array_equal(out[1], alone(row_probs, queued))
+
+
+def test_a_failing_slice_fails_the_request_after_every_slice_ended(
+    pool: ThreadPoolExecutor, split_pool: ThreadPoolExecutor
+) -> None:
+    ended: list[int] = []
+
+    def predict(ids: IdArray) -> ProbArray:
+        time.sleep(0.02 if len(ids) == 10 else 0.0)
+        ended.append(len(ids))
+        if len(ids) == 11:
+            raise RuntimeError("slice failed")
+        return row_probs(ids)
+
+    async def go() -> None:
+        b = make(predict, pool, max_batch_size=32, idle_split=2, split_executor=split_pool)
+        b.start()
+        with pytest.raises(RuntimeError, match="slice failed"):
+            await b.submit(texts(random.Random(7), 21))
+        assert sorted(ended) == [10, 11]
+
+    run(go)
+
+
+def test_idle_split_needs_an_executor(pool: ThreadPoolExecutor) -> None:
+    with pytest.raises(ValueError, match="split_executor"):
+        make(row_probs, pool, idle_split=2)
+    with pytest.raises(ValueError, match="idle_split"):
+        make(row_probs, pool, idle_split=0)
