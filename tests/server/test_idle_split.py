@@ -14,6 +14,7 @@ from server.dataplane import DataPlane
 from server.registry import Registry
 from server.settings import Settings
 from tests.server.conftest import copy_repo
+from tests.server.test_in_flight import mixed_texts
 from tests.server.test_registry import only, settings, with_registry
 
 
@@ -55,23 +56,7 @@ def test_a_lone_request_runs_in_slices_and_answers_as_texts_alone(
 ) -> None:
     repo = copy_repo(small_repo, tmp_path / "repo")
     only(repo, noun={"base_path": "noun-topic"})
-    words = [
-        "a",
-        "small",
-        "dog",
-        "that",
-        "barks",
-        "to",
-        "run",
-        "quickly",
-        "very",
-        "slowly",
-        "and",
-        "carefully",
-        "indeed",
-    ]
-    texts = [" ".join(words[i % 7 : i % 7 + 1 + i % 9]) for i in range(40)]
-    texts[5] = "Café-au-lait, naïve DOG"
+    texts = mixed_texts()
 
     def split_threads() -> int:
         return sum(t.name.startswith("textserve-split") for t in threading.enumerate())

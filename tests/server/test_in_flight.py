@@ -21,6 +21,31 @@ from tests.server.test_registry import only, settings, with_registry
 TEXT = "a small dog that barks"
 
 
+WORDS = [
+    "a",
+    "small",
+    "dog",
+    "that",
+    "barks",
+    "to",
+    "run",
+    "quickly",
+    "very",
+    "slowly",
+    "and",
+    "carefully",
+    "indeed",
+]
+
+
+def mixed_texts(n: int = 40) -> list[str]:
+    """``n`` short texts of varied lengths, one empty and one non-ASCII among them."""
+    texts = [" ".join(WORDS[i % 7 : i % 7 + 1 + i % 9]) for i in range(n)]
+    texts[3] = ""
+    texts[9] = "Café-au-lait, naïve DOG"
+    return texts
+
+
 @pytest.fixture
 def repo(small_repo: Path, tmp_path: Path) -> Path:
     return copy_repo(small_repo, tmp_path / "repo")
@@ -107,24 +132,7 @@ def test_batches_tokenized_one_by_one_or_together_give_the_sessions_answers(repo
     """Below and at/above ``BATCH_MIN_TEXTS`` (a batch tokenized in numpy), with a non-ASCII
     text among them, and beyond one batch: rows equal the session's own answers for the same
     texts classified alone, in order."""
-    words = [
-        "a",
-        "small",
-        "dog",
-        "that",
-        "barks",
-        "to",
-        "run",
-        "quickly",
-        "very",
-        "slowly",
-        "and",
-        "carefully",
-        "indeed",
-    ]
-    texts = [" ".join(words[i % 7 : i % 7 + 1 + i % 9]) for i in range(40)]
-    texts[3] = ""
-    texts[9] = "Café-au-lait, naïve DOG"
+    texts = mixed_texts()
 
     async def body(registry: Registry) -> None:
         plane = DataPlane(registry, registry.settings)
