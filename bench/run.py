@@ -36,10 +36,11 @@ ABLATION_WAIT_MS = 2
 WAIT = f"textserve-max-wait-{ABLATION_WAIT_MS}"
 WORKERS2 = "textserve-2w"
 WORKERS2_SETTINGS = {"workers": "2"}
-"""textserve with two worker processes sharing the port, TensorFlow's default 2 intra-op threads
-each. Side by side against 1 thread each (``docs/bench/README.md``, 2026-11-26): 0.85 vs 0.55 of
-the ceiling for one 64-text client at a time (one thread leaves a core idle), within 2-3 % from 8
-clients up (64 texts conc. 8: 6,305 vs 6,442 texts/s; 1 text conc. 64: 3,887 vs 4,021)."""
+"""textserve with two worker processes sharing the port and the thread settings unset: on 2
+cores one intra-op thread per worker and a lone request split over both cores (``idle_split``).
+Side by side against 2 intra-op threads per worker (``docs/bench/README.md``, fifth session):
+level for one 64-text client, +4 % for 64-text requests at 8 and 64 clients, +13 % for single
+texts at 64."""
 
 
 @dataclass
@@ -331,7 +332,8 @@ def run(opts: Options) -> dict[str, Any]:
             "tensorflow": tf.__version__,
             "cpu_note": (
                 f"each server process pinned to CPUs {cpus} (os.sched_setaffinity), "
-                "TensorFlow intra-op threads 2; wrk -t1 and this process unpinned, sharing "
+                "TensorFlow threads as each server's settings line says; wrk -t1 and this "
+                "process unpinned, sharing "
                 "the same cores (their CPU use is in the run table); the in-process ceiling "
                 "ran while both servers sat idle."
             ),

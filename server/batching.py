@@ -52,13 +52,15 @@ Scheduling policy (all times on the monotonic clock):
   request whose deadline passes before (the rest of) its work starts fails with
   :class:`~server.errors.DeadlineExceeded` and its remaining texts are dropped; once all of its
   chunks have started it is answered.
-* **Idle split** (``idle_split``, default 1 = off). A batch dispatched to an idle model (nothing
-  running, nothing queued: a lone request) is tokenized once, then run as up to ``idle_split``
-  concurrent predicts of row slices of at least :data:`MIN_SPLIT_ROWS` rows (the extra slices
-  on ``split_executor``'s threads). With one intra-op thread per session (and as many inter-op
-  threads as slices) a lone request then uses the cores one thread per batch leaves idle, while
-  batches that follow one another under load run whole, one core each, which costs less CPU per
-  text than TensorFlow's own intra-op split (``docs/bench/README.md``).
+* **Idle split** (``idle_split``: 1 = off; the server resolves it from the CPUs and workers in
+  :mod:`server.settings`). A batch dispatched to an idle model (nothing running, nothing
+  queued: a lone request) is tokenized once, then run as up to ``idle_split`` concurrent
+  predicts of row slices of at least :data:`MIN_SPLIT_ROWS` rows (the extra slices on
+  ``split_executor``'s threads; to ``max_in_flight`` it is one predict). With one intra-op
+  thread per session (and as many inter-op threads as slices) a lone request then uses the
+  cores one thread per batch leaves idle, while batches that follow one another under load run
+  whole, one core each, which costs less CPU per text than TensorFlow's own intra-op split
+  (``docs/bench/README.md``).
 * ``prepare`` and ``predict`` run together in the executor, off the event loop.
 * ``close(timeout)`` refuses new work (:class:`~server.errors.ShuttingDown`), runs everything
   queued, and after ``timeout`` fails whatever is left with ``ShuttingDown``.

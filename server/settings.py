@@ -66,8 +66,8 @@ class Settings(BaseSettings):
     concurrent predicts of row slices (at least 8 texts each), tokenized once: with one intra-op
     thread per session a lone request still uses the idle cores, while batches that follow one
     another under load run whole, one core each (cheaper per text than TensorFlow's intra-op
-    split). Needs ``inter_op_threads`` >= this. Unset: the CPUs divided by the intra-op threads
-    (1 for one process on 2 cores, 2 for each of 2 workers); 1 = off."""
+    split). Needs ``inter_op_threads`` >= this. Unset: the CPUs divided by the intra-op threads,
+    at most 8 (1 for one process on 2 cores, 2 for each of 2 workers); 1 = off."""
 
     stage_full_batches: bool = True
     """Hand a full batch to an inference thread while ``max_in_flight`` predicts run: it is
@@ -117,13 +117,17 @@ class Settings(BaseSettings):
         if self.idle_split is not None:
             return self.idle_split
         intra = self.session_intra_op_threads or available_cpus()
-        return max(1, available_cpus() // intra)
+        return min(AUTO_SPLIT_MAX, max(1, available_cpus() // intra))
 
     @property
     def session_inter_op_threads(self) -> int:
         if self.inter_op_threads is not None:
             return self.inter_op_threads
         return self.batch_idle_split
+
+
+AUTO_SPLIT_MAX = 8
+"""The unset ``idle_split`` never exceeds this (a batch of 64 has at most 8 slices of 8)."""
 
 
 def available_cpus() -> int:

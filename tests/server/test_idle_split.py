@@ -45,6 +45,12 @@ def test_set_values_win(monkeypatch: pytest.MonkeyPatch) -> None:
     assert layout(Settings(_env_file=None, workers=2)) == (1, 3, 1)
 
 
+def test_the_unset_split_stays_small_on_big_machines(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(server.settings, "available_cpus", lambda: 64)
+    assert layout(Settings(_env_file=None, workers=64)) == (1, 8, 8)
+    assert layout(Settings(_env_file=None)) == (64, 1, 1)
+
+
 def test_affinity_is_what_counts() -> None:
     import os
 
