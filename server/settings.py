@@ -5,6 +5,7 @@ Precedence: CLI flags > environment (``TEXTSERVE_PORT=9000``) > ``.env`` file > 
 
 from __future__ import annotations
 
+import math
 import os
 from pathlib import Path
 
@@ -37,8 +38,8 @@ class Settings(BaseSettings):
     and /v1/memory describes the worker that answered."""
     intra_op_threads: int | None = Field(default=None, ge=0)
     """TensorFlow intra-op threads per session (0 = TensorFlow's default). Unset: the CPUs this
-    process may use divided by ``workers`` (at least 1): 2 for one process on 2 cores, 1 for
-    each of 2 workers."""
+    process may use (affinity, bounded by a cgroup CPU quota) divided by ``workers`` (at least
+    1): 2 for one process on 2 cores, 1 for each of 2 workers."""
     inter_op_threads: int | None = Field(default=None, ge=0)
     """TensorFlow inter-op threads per session (0 = TensorFlow's default). With one, a session
     runs the kernels of concurrent predicts one after the other. Unset: ``idle_split``'s value,
@@ -67,7 +68,8 @@ class Settings(BaseSettings):
     thread per session a lone request still uses the idle cores, while batches that follow one
     another under load run whole, one core each (cheaper per text than TensorFlow's intra-op
     split). Needs ``inter_op_threads`` >= this. Unset: the CPUs divided by the intra-op threads,
-    at most 8 (1 for one process on 2 cores, 2 for each of 2 workers); 1 = off."""
+    at most 8 and at most a set ``inter_op_threads`` (1 for one process on 2 cores, 2 for each
+    of 2 workers); 1 = off."""
 
     stage_full_batches: bool = True
     """Hand a full batch to an inference thread while ``max_in_flight`` predicts run: it is
@@ -117,7 +119,10 @@ class Settings(BaseSettings):
         if self.idle_split is not None:
             return self.idle_split
         intra = self.session_intra_op_threads or available_cpus()
-        return min(AUTO_SPLIT_MAX, max(1, available_cpus() // intra))
+        ways = min(AUTO_SPLIT_MAX, max(1, available_cpus() // intra))
+        if self.inter_op_threads:  # set: slices beyond it would run one after the other
+            ways = min(ways, self.inter_op_threads)
+        return ways
 
     @property
     def session_inter_op_threads(self) -> int:
@@ -130,9 +135,30 @@ AUTO_SPLIT_MAX = 8
 """The unset ``idle_split`` never exceeds this (a batch of 64 has at most 8 slices of 8)."""
 
 
-def available_cpus() -> int:
-    """CPUs this process may run on (its affinity mask, e.g. ``taskset`` or a cpuset)."""
+def available_cpus(cgroup_root: Path = Path("/sys/fs/cgroup")) -> int:
+    """CPUs this process may run on: its affinity mask (``taskset``, a cpuset), bounded by a
+    cgroup CPU quota (``docker run --cpus 2``, a Kubernetes CPU limit), rounded up."""
     try:
-        return len(os.sched_getaffinity(0))
+        cpus = len(os.sched_getaffinity(0))
     except AttributeError:  # pragma: no cover - not on Linux
-        return os.cpu_count() or 1
+        cpus = os.cpu_count() or 1
+    quota = cgroup_cpu_quota(cgroup_root)
+    if quota is not None:
+        cpus = min(cpus, max(1, math.ceil(quota)))
+    return cpus
+
+
+def cgroup_cpu_quota(root: Path) -> float | None:
+    """The CPU quota of this process's cgroup in CPUs (cgroup v2 ``cpu.max``, else v1
+    ``cpu.cfs_quota_us`` / ``cpu.cfs_period_us``); None without one or when unreadable."""
+    try:
+        v2 = root / "cpu.max"
+        if v2.is_file():
+            quota, _, period = v2.read_text().strip().partition(" ")
+            return None if quota == "max" else int(quota) / int(period or "100000")
+        v1 = root / "cpu"
+        quota_us = int((v1 / "cpu.cfs_quota_us").read_text())
+        period_us = int((v1 / "cpu.cfs_period_us").read_text())
+    except (OSError, ValueError):
+        return None
+    return None if quota_us <= 0 or period_us <= 0 else quota_us / period_us

@@ -3,6 +3,7 @@ idle model runs as concurrent slices on real sessions and answers as if each tex
 
 from __future__ import annotations
 
+import os
 import threading
 from pathlib import Path
 
@@ -40,6 +41,8 @@ def test_set_values_win(monkeypatch: pytest.MonkeyPatch) -> None:
     assert layout(Settings(_env_file=None, workers=2, intra_op_threads=2)) == (2, 1, 1)
     assert layout(Settings(_env_file=None, intra_op_threads=1)) == (1, 2, 2)
     assert layout(Settings(_env_file=None, intra_op_threads=0)) == (0, 1, 1)  # TF's own pools
+    # a set inter-op count bounds the split: more slices would only queue for its threads
+    assert layout(Settings(_env_file=None, intra_op_threads=1, inter_op_threads=1)) == (1, 1, 1)
     monkeypatch.setenv("TEXTSERVE_IDLE_SPLIT", "1")
     monkeypatch.setenv("TEXTSERVE_INTER_OP_THREADS", "3")
     assert layout(Settings(_env_file=None, workers=2)) == (1, 3, 1)
@@ -49,12 +52,29 @@ def test_the_unset_split_stays_small_on_big_machines(monkeypatch: pytest.MonkeyP
     monkeypatch.setattr(server.settings, "available_cpus", lambda: 64)
     assert layout(Settings(_env_file=None, workers=64)) == (1, 8, 8)
     assert layout(Settings(_env_file=None)) == (64, 1, 1)
+    # the k8s ConfigMap's pod: 2 intra-op threads, 1 inter-op thread, on a 64-CPU node
+    assert layout(Settings(_env_file=None, intra_op_threads=2, inter_op_threads=1)) == (2, 1, 1)
 
 
-def test_affinity_is_what_counts() -> None:
-    import os
-
-    assert server.settings.available_cpus() == len(os.sched_getaffinity(0))
+def test_cpus_are_the_affinity_bounded_by_a_cgroup_quota(tmp_path: Path) -> None:
+    affinity = len(os.sched_getaffinity(0))
+    assert server.settings.available_cpus(tmp_path) == affinity  # no cgroup files: no quota
+    v1 = tmp_path / "v1"
+    (v1 / "cpu").mkdir(parents=True)
+    (v1 / "cpu" / "cpu.cfs_period_us").write_text("100000\n")
+    (v1 / "cpu" / "cpu.cfs_quota_us").write_text("-1\n")
+    assert server.settings.cgroup_cpu_quota(v1) is None
+    (v1 / "cpu" / "cpu.cfs_quota_us").write_text("50000\n")
+    assert server.settings.cgroup_cpu_quota(v1) == 0.5
+    assert server.settings.available_cpus(v1) == 1  # half a CPU still runs one thread
+    v2 = tmp_path / "v2"
+    v2.mkdir()
+    (v2 / "cpu.max").write_text("max 100000\n")
+    assert server.settings.cgroup_cpu_quota(v2) is None
+    (v2 / "cpu.max").write_text("150000 100000\n")
+    assert server.settings.available_cpus(v2) == min(affinity, 2)
+    (v2 / "cpu.max").write_text("garbage\n")
+    assert server.settings.cgroup_cpu_quota(v2) is None
 
 
 def test_a_lone_request_runs_in_slices_and_answers_as_texts_alone(
