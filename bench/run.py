@@ -264,11 +264,7 @@ def _effective_settings(env: dict[str, str]) -> dict[str, Any]:
     overrides = {k[len(prefix) :].lower(): v for k, v in env.items() if k.startswith(prefix)}
     settings = Settings(**cast(dict[str, Any], overrides))  # and TEXTSERVE_* from os.environ
     keys = ("max_batch_size", "max_wait_ms", "max_queue", "inference_threads")
-    return {k: getattr(settings, k) for k in keys} | {
-        "intra_op_threads": settings.session_intra_op_threads,
-        "inter_op_threads": settings.session_inter_op_threads,
-        "idle_split": settings.batch_idle_split,
-    }
+    return {k: getattr(settings, k) for k in keys} | settings.thread_layout()._asdict()
 
 
 def _median_rate(rates: Sequence[ceiling.Rate]) -> dict[str, Any]:

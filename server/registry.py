@@ -296,8 +296,10 @@ class Registry:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._loader: concurrent.futures.ThreadPoolExecutor | None = None
         self._inference: concurrent.futures.ThreadPoolExecutor | None = None
+        self._threads = settings.thread_layout()
+        """TensorFlow's thread counts and the idle split, resolved once for the process."""
         self._split: concurrent.futures.ThreadPoolExecutor | None = None
-        """Threads for the extra slices of idle splits (``settings.idle_split`` > 1)."""
+        """Threads for the extra slices of idle splits (``idle_split`` > 1)."""
         self._store: EmbeddingStore | None = None
         self._initial: concurrent.futures.Future[None] | None = None
         self._closing = False
@@ -322,9 +324,9 @@ class Registry:
         self._inference = concurrent.futures.ThreadPoolExecutor(
             max_workers=self.settings.inference_threads, thread_name_prefix="textserve-infer"
         )
-        if self.settings.batch_idle_split > 1:
+        if self._threads.idle_split > 1:
             self._split = concurrent.futures.ThreadPoolExecutor(
-                max_workers=self.settings.batch_idle_split - 1, thread_name_prefix="textserve-split"
+                max_workers=self._threads.idle_split - 1, thread_name_prefix="textserve-split"
             )
         self._loader = concurrent.futures.ThreadPoolExecutor(
             max_workers=1, thread_name_prefix="textserve-loader"
@@ -681,8 +683,8 @@ class Registry:
                     path,
                     store=self._store,
                     embedding_dir=embedding_dir,
-                    intra_op_threads=self.settings.session_intra_op_threads,
-                    inter_op_threads=self.settings.session_inter_op_threads,
+                    intra_op_threads=self._threads.intra_op_threads,
+                    inter_op_threads=self._threads.inter_op_threads,
                 )
                 t1 = time.monotonic()
                 if self.settings.warmup:
@@ -709,7 +711,7 @@ class Registry:
                     max_queue=mv.batching.max_queue,
                     max_in_flight=mv.batching.max_in_flight,
                     stage_full_batches=self.settings.stage_full_batches,
-                    idle_split=self.settings.batch_idle_split,
+                    idle_split=self._threads.idle_split,
                     split_executor=self._split,
                     executor=self._inference,
                     name=f"{mc.name}:{number}",

@@ -8,6 +8,7 @@ from __future__ import annotations
 import math
 import os
 from pathlib import Path
+from typing import NamedTuple
 
 from pydantic import Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -108,27 +109,28 @@ class Settings(BaseSettings):
 
     # -- resolved thread layout (the unset fields' values) ------------------------------------
 
-    @property
-    def session_intra_op_threads(self) -> int:
-        if self.intra_op_threads is not None:
-            return self.intra_op_threads
-        return max(1, available_cpus() // self.workers)
+    def thread_layout(self) -> ThreadLayout:
+        """The thread counts the server runs with: set fields as they are, unset ones derived
+        from :func:`available_cpus` (read once here) and ``workers``."""
+        cpus = available_cpus()
+        intra = self.intra_op_threads
+        if intra is None:
+            intra = max(1, cpus // self.workers)
+        split = self.idle_split
+        if split is None:
+            split = min(AUTO_SPLIT_MAX, max(1, cpus // (intra or cpus)))
+            if self.inter_op_threads:  # set: slices beyond it would run one after the other
+                split = min(split, self.inter_op_threads)
+        inter = self.inter_op_threads if self.inter_op_threads is not None else split
+        return ThreadLayout(intra_op_threads=intra, inter_op_threads=inter, idle_split=split)
 
-    @property
-    def batch_idle_split(self) -> int:
-        if self.idle_split is not None:
-            return self.idle_split
-        intra = self.session_intra_op_threads or available_cpus()
-        ways = min(AUTO_SPLIT_MAX, max(1, available_cpus() // intra))
-        if self.inter_op_threads:  # set: slices beyond it would run one after the other
-            ways = min(ways, self.inter_op_threads)
-        return ways
 
-    @property
-    def session_inter_op_threads(self) -> int:
-        if self.inter_op_threads is not None:
-            return self.inter_op_threads
-        return self.batch_idle_split
+class ThreadLayout(NamedTuple):
+    """Resolved ``intra_op_threads``, ``inter_op_threads`` and ``idle_split``."""
+
+    intra_op_threads: int
+    inter_op_threads: int
+    idle_split: int
 
 
 AUTO_SPLIT_MAX = 8

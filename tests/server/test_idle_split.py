@@ -26,7 +26,8 @@ def two_cpus(monkeypatch: pytest.MonkeyPatch) -> None:
 
 def layout(cfg: Settings) -> tuple[int, int, int]:
     """(intra-op threads, inter-op threads, idle split) as the registry uses them."""
-    return cfg.session_intra_op_threads, cfg.session_inter_op_threads, cfg.batch_idle_split
+    threads = cfg.thread_layout()
+    return threads.intra_op_threads, threads.inter_op_threads, threads.idle_split
 
 
 @pytest.mark.usefixtures("two_cpus")
