@@ -64,27 +64,14 @@ class ServeProcess:
     def fds(self) -> int:
         return int(self.process.num_fds())
 
-    def tree(self) -> list[psutil.Process]:
-        """The server and its children (``--workers N``: the supervisor and its workers)."""
-        parent = self.process
-        return [parent, *parent.children(recursive=True)]
-
-    def tree_rss(self) -> int:
-        return sum(int(p.memory_info().rss) for p in self.tree())
-
-    def tree_fds(self) -> int:
-        return sum(int(p.num_fds()) for p in self.tree())
-
     def open_files(self) -> set[str]:
-        """What the tree's descriptors point at, as ``pid:fd -> target`` (for a failure report)."""
+        """What the process's descriptors point at, as ``fd -> target`` (for a failure report)."""
         out = set()
-        for proc in self.tree():
-            fd_dir = Path(f"/proc/{proc.pid}/fd")
-            for fd in fd_dir.iterdir():
-                try:
-                    out.add(f"{proc.pid}:{fd.name} -> {os.readlink(fd)}")
-                except OSError:
-                    continue  # closed meanwhile
+        for fd in Path(f"/proc/{self.proc.pid}/fd").iterdir():
+            try:
+                out.add(f"{fd.name} -> {os.readlink(fd)}")
+            except OSError:
+                continue  # closed meanwhile
         return out
 
     def stderr(self) -> str:

@@ -154,9 +154,8 @@ def run_wrk(url: str, script: Path, seconds: int) -> dict[str, Any]:
 
 
 def sample(served: ServeProcess) -> tuple[int, int]:
-    """RSS and open fds summed over the server's process tree (supervisor + workers)."""
     time.sleep(1.0)  # wrk's connections are closed and reaped
-    return served.tree_rss(), served.tree_fds()
+    return served.rss(), served.fds()
 
 
 @pytest.mark.soak
