@@ -34,14 +34,22 @@ print('\n'.join(d['project']['dependencies']))" > /src/requirements.txt \
 # build: the textserve wheel. Installed twice: into the venv (checked, and used by demo-build),
 # and under /staging, which holds only textserve's own files: the runtime image adds them as a
 # small layer on top of the unchanged dependency layer.
+# A C compiler (and Python's headers, if the base image lacks them) compiles the batch tokenizer
+# (server/native_tokenizer.pyx) into the wheel; the runtime image gets the built module only.
 FROM deps AS build
+RUN python3 -c "import os, sysconfig; raise SystemExit(not os.path.exists(os.path.join(sysconfig.get_paths()['include'], 'Python.h')))" \
+ || headers=python3-dev; \
+    apt-get update \
+ && DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends gcc libc6-dev ${headers:-} \
+ && rm -rf /var/lib/apt/lists/*
 COPY README.md /src/README.md
 COPY server /src/server
 COPY models /src/models
 RUN /opt/textserve/bin/pip wheel --no-deps --wheel-dir /src/dist /src \
  && /opt/textserve/bin/pip install --no-deps /src/dist/textserve-*.whl \
  && /opt/textserve/bin/pip install --no-deps --ignore-installed --root /staging /src/dist/textserve-*.whl \
- && /opt/textserve/bin/textserve --version
+ && /opt/textserve/bin/textserve --version \
+ && /opt/textserve/bin/python -c "import server.native_tokenizer"
 
 # ---------------------------------------------------------------------------------------------
 # demo-build: trains and exports the demo model set into /models (needs the [toolchain] extras

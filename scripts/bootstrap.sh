@@ -10,5 +10,9 @@ if [ ! -x "$VENV/bin/python" ]; then
     "$PYTHON" -m venv "$VENV"
 fi
 "$VENV/bin/python" -m pip install --quiet --upgrade pip
+if ! "$VENV/bin/python" -c 'import os, sysconfig; raise SystemExit(not os.path.exists(os.path.join(sysconfig.get_paths()["include"], "Python.h")))'; then
+    echo "bootstrap: no Python.h for $("$VENV/bin/python" --version): the compiled tokenizer" \
+        "(server/native_tokenizer.pyx) cannot be built; install python3-dev" >&2
+fi
 "$VENV/bin/python" -m pip install --quiet --editable ".[dev]"
 echo "bootstrap: $VENV ready ($("$VENV/bin/python" --version))"

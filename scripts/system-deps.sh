@@ -2,7 +2,7 @@
 # Debian packages textserve's toolchain and tests need. Installs them when run as root;
 # otherwise says exactly what to install and fails if the essential one is missing.
 set -euo pipefail
-ESSENTIAL=(wordnet-base)                 # training data for the demo models
+ESSENTIAL=(wordnet-base gcc libc6-dev)   # training data; a C compiler for server/native_tokenizer.pyx
 OPTIONAL=(prometheus nginx wrk)          # promtool + Prometheus, nginx, the load generator
 have() { dpkg-query -W -f='${Status}' "$1" 2>/dev/null | grep -q "install ok installed"; }
 missing=()

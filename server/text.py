@@ -22,7 +22,14 @@ import numpy.typing as npt
 from server.artifact import OOV_ID, OOV_TOKEN, PAD_ID, PAD_TOKEN, TokenizerSpec
 from server.ascii_batch import encode_ascii
 from server.errors import ArtifactError
-from server.token_hash import HashArray, IntpArray, TokenTable, string_hashes
+from server.token_hash import (
+    NATIVE,
+    HashArray,
+    IntpArray,
+    TokenTable,
+    native_tokenizer,
+    string_hashes,
+)
 
 # Words (with inner ' - . joining word characters) or one non-space, non-word character.
 _TOKEN_RE = re.compile(r"\w++(?:['\-.]\w++)*+|[^\w\s]")
@@ -70,7 +77,11 @@ class Vocabulary:
 
     __slots__ = ("__weakref__", "_hot", "_size", "_table", "_tokens")
 
-    def __init__(self, tokens: Iterable[str], keep_tokens: bool = True) -> None:
+    def __init__(
+        self, tokens: Iterable[str], keep_tokens: bool = True, *, native: bool = NATIVE
+    ) -> None:
+        """``native``: build the compiled tokenizer's table (default: when it is built); False
+        keeps the numpy tables (tests compare both)."""
         kept: list[str] | None = [] if keep_tokens else None
         hot: dict[str, int] = {}
         hashes: list[HashArray] = []
@@ -89,14 +100,14 @@ class Vocabulary:
             )
         all_hashes = np.concatenate(hashes) if hashes else np.zeros(0, dtype=np.uint64)
         self._hot = hot
-        self._table = TokenTable(all_hashes, HOT_TOKENS, OOV_ID)
+        self._table = TokenTable(all_hashes, HOT_TOKENS, OOV_ID, native=native)
         self._size = size
         self._tokens = kept
 
     @classmethod
-    def from_words(cls, words: Iterable[str]) -> Vocabulary:
+    def from_words(cls, words: Iterable[str], *, native: bool = NATIVE) -> Vocabulary:
         """PAD and OOV followed by ``words`` (duplicates keep their first id)."""
-        return cls([PAD_TOKEN, OOV_TOKEN, *words])
+        return cls([PAD_TOKEN, OOV_TOKEN, *words], native=native)
 
     @classmethod
     def load(cls, path: Path, keep_tokens: bool = True) -> Vocabulary:
@@ -236,9 +247,27 @@ class Tokenizer:
     def encode_batch(self, texts: Sequence[str]) -> IdArray:
         """``pad(encode_many(texts))``: the batch a model runs on.
 
-        From :data:`BATCH_MIN_TEXTS` texts on, the ASCII texts are tokenized together in numpy
-        (:mod:`server.ascii_batch`, same ids) and written straight into the padded array.
+        A batch of ASCII texts goes through the compiled tokenizer
+        (:mod:`server.native_tokenizer`) in one call, when it is built and the vocabulary's
+        table is its own. Otherwise, from :data:`BATCH_MIN_TEXTS` texts on, the ASCII texts are
+        tokenized together in numpy (:mod:`server.ascii_batch`) and written straight into the
+        padded array. Every path gives the same ids.
         """
+        table = self.vocab.table
+        if table.slots is not None:
+            spec = self.spec
+            ids = native_tokenizer.encode_batch(
+                texts if isinstance(texts, list) else list(texts),
+                spec.lowercase,
+                spec.fixed_len or spec.max_len,
+                spec.fixed_len or spec.min_len,
+                spec.fixed_len or max(spec.max_len, spec.min_len),
+                table.slots,
+                table.slots_mask,
+                table.missing,
+            )
+            if ids is not None:
+                return ids
         if len(texts) < BATCH_MIN_TEXTS:
             return self.pad(self.encode_many(texts))
         flat, lengths = self._encode_flat(texts)
