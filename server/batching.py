@@ -4,9 +4,10 @@ One :class:`Batcher` serves one model version. It knows nothing about HTTP: ``su
 a request's items (the server's are raw texts; tests also use token-id lists) and returns their
 probabilities, or raises a :class:`~server.errors.TextserveError` the transport maps to a
 status. ``prepare`` turns one batch of items into the ``[batch, length]`` ids ``predict`` takes:
-the server passes ``Tokenizer.encode_batch``, so a batch's texts are tokenized together, in
-numpy, on the inference thread (~0.2 ms for 64 texts of 50 tokens against ~0.9 ms one by one
-in Python), and the event loop never tokenizes.
+the server passes ``Tokenizer.encode_batch``, so a batch's texts are tokenized together, in one
+compiled call (:mod:`server.native_tokenizer`: ~0.13 ms for 64 texts of 50 tokens right after a
+``session.run``, against ~0.6 ms in numpy and more one by one in Python), on the inference
+thread, and the event loop never tokenizes.
 
 Scheduling policy (all times on the monotonic clock):
 

@@ -66,9 +66,10 @@ class Vocabulary:
     than a hundred of the models' own weights. Here only the first :data:`HOT_TOKENS` entries
     (the most frequent words, in GloVe's order) are a dict, for texts tokenized one at a time;
     every token's 64-bit hash of its UTF-8 bytes goes into a
-    :class:`~server.token_hash.TokenTable` (a cache-sized open-addressing table for the hot
-    entries, a sorted array for the rest: 3.0 MiB for 220k tokens), used for the rarer tokens
-    of a single text and for all tokens of a batch (:mod:`server.ascii_batch`). A token outside
+    :class:`~server.token_hash.TokenTable` (the compiled tokenizer's open-addressing table of
+    every token, 6 MiB for 220k tokens; without the extension, a cache-sized table for the hot
+    entries and a sorted array for the rest, 3.0 MiB), used for the rarer tokens of a single
+    text and for all tokens of a batch (:mod:`server.native_tokenizer`). A token outside
     the vocabulary could only be mistaken for a vocabulary token if their 64-bit hashes collide
     (probability about ``len(vocab) / 2**64`` per token, ~1e-14); two vocabulary tokens sharing
     a hash keep the lower id. The token strings are kept only when asked for (the toolchain
@@ -247,31 +248,53 @@ class Tokenizer:
     def encode_batch(self, texts: Sequence[str]) -> IdArray:
         """``pad(encode_many(texts))``: the batch a model runs on.
 
-        A batch of ASCII texts goes through the compiled tokenizer
-        (:mod:`server.native_tokenizer`) in one call, when it is built and the vocabulary's
-        table is its own. Otherwise, from :data:`BATCH_MIN_TEXTS` texts on, the ASCII texts are
-        tokenized together in numpy (:mod:`server.ascii_batch`) and written straight into the
-        padded array. Every path gives the same ids.
+        When the compiled tokenizer (:mod:`server.native_tokenizer`) is built and the
+        vocabulary's table is its own, a batch's ASCII texts go through it in one call (a text
+        with a non-ASCII character goes through :func:`tokenize`). Otherwise, from
+        :data:`BATCH_MIN_TEXTS` texts on, the ASCII texts are tokenized together in numpy
+        (:mod:`server.ascii_batch`) and written straight into the padded array. Every path
+        gives the same ids.
         """
-        table = self.vocab.table
-        if table.slots is not None:
-            spec = self.spec
-            ids = native_tokenizer.encode_batch(
-                texts if isinstance(texts, list) else list(texts),
-                spec.lowercase,
-                spec.fixed_len or spec.max_len,
-                spec.fixed_len or spec.min_len,
-                spec.fixed_len or max(spec.max_len, spec.min_len),
-                table.slots,
-                table.slots_mask,
-                table.missing,
-            )
-            if ids is not None:
-                return ids
+        if self.vocab.table.slots is not None:
+            return self._encode_native(texts if isinstance(texts, list) else list(texts))
         if len(texts) < BATCH_MIN_TEXTS:
             return self.pad(self.encode_many(texts))
         flat, lengths = self._encode_flat(texts)
         return self._padded(flat, lengths, self._width(lengths))
+
+    def _native(self, texts: list[str], min_width: int) -> IdArray | None:
+        spec, table = self.spec, self.vocab.table
+        assert table.slots is not None
+        fixed = spec.fixed_len
+        return native_tokenizer.encode_batch(
+            texts,
+            spec.lowercase,
+            fixed or spec.max_len,
+            fixed or min_width,
+            fixed or max(spec.max_len, spec.min_len),
+            table.slots,
+            table.slots_mask,
+            table.missing,
+        )
+
+    def _encode_native(self, texts: list[str]) -> IdArray:
+        ids = self._native(texts, self.spec.min_len)
+        if ids is not None:
+            return ids
+        # Some text is not ASCII: those through tokenize(), the rest still in one native call.
+        plain = [i for i, t in enumerate(texts) if t.isascii()]
+        other = [i for i, t in enumerate(texts) if not t.isascii()]
+        rows = self.encode_many([texts[i] for i in other])
+        ascii_ids = self._native([texts[i] for i in plain], 0)
+        assert ascii_ids is not None
+        # ascii_ids is as wide as its longest text (min_width 0), or fixed_len
+        lengths = np.array([*map(len, rows), ascii_ids.shape[1] if plain else 0], dtype=np.intp)
+        out = np.full((len(texts), self._width(lengths)), PAD_ID, dtype=np.int32)
+        if plain:
+            out[plain, : ascii_ids.shape[1]] = ascii_ids
+        for i, row in zip(other, rows, strict=True):
+            out[i, : len(row)] = row
+        return out
 
     def _encode_flat(self, texts: Sequence[str]) -> tuple[IdArray, IntpArray]:
         """All texts' ids concatenated, and each text's number of ids."""
