@@ -8,8 +8,8 @@ caches hold TensorFlow's data. The numpy path then costs ~0.6 ms for 64 texts of
 cold code. Here the whole batch is one call: the texts' bytes are read in place
 (``PyUnicode_DATA`` of compact ASCII strings: no join, no copy), every token is hashed
 exactly as :func:`server.token_hash.span_hashes` does, and looked up in one open-addressing
-table of 12-byte slots (hash, id), with the slot of a later token prefetched while an earlier
-one is probed. ``docs/bench/README.md`` has the figures.
+table of 12-byte slots (hash, id), at most 70 % full, with the slot of a later token prefetched
+while an earlier one is probed. ``docs/bench/README.md`` has the figures.
 
 Tokens are those of :func:`server.text.tokenize` on ASCII text: maximal runs of word bytes
 ``[A-Za-z0-9_]`` joined by a ``'``, ``-`` or ``.`` that has word bytes on both sides; any
@@ -31,6 +31,15 @@ cdef extern from "Python.h":
 
 cdef extern from *:
     void __builtin_prefetch(const void *addr) nogil
+
+cdef extern from *:
+    """
+    /* The home slot of a hash among n: the high 64 bits of hash * n (any n, no modulo). */
+    static inline uint64_t textserve_home(uint64_t hash, uint64_t n) {
+        return (uint64_t)(((unsigned __int128)hash * n) >> 64);
+    }
+    """
+    uint64_t textserve_home(uint64_t hash, uint64_t n) nogil
 
 
 cdef packed struct Slot:
@@ -65,6 +74,8 @@ cdef void _init_classes() noexcept:
 _init_classes()
 
 SLOT_BYTES = sizeof(Slot)
+MAX_LOAD = 0.7
+"""At most this share of the table's slots hold a token (3.6 MiB for 220k tokens)."""
 
 
 cdef inline uint64_t _finish(uint64_t h, Py_ssize_t length) noexcept nogil:
@@ -119,38 +130,44 @@ cdef Py_ssize_t _hash_text(
 
 
 cdef inline int32_t _probe(
-    const Slot *table, uint64_t mask, uint64_t key, int32_t missing
+    const Slot *table, uint64_t count, uint64_t key, int32_t missing
 ) noexcept nogil:
-    cdef uint64_t i = key & mask
+    cdef uint64_t i = textserve_home(key, count)
     while table[i].id >= 0:
         if table[i].key == key:
             return table[i].id
-        i = (i + 1) & mask
+        i += 1
+        if i == count:
+            i = 0
     return missing
 
 
 def build_table(const uint64_t[::1] hashes):
-    """``(slots, mask)``: the open-addressing table of ``hashes[i] → i`` (equal hashes keep the
-    lower id), as a uint8 array of :data:`SLOT_BYTES`-byte slots, at most half full."""
-    cdef Py_ssize_t n = hashes.shape[0], size = 16, i
-    while size < 2 * n:
-        size *= 2
-    slots = np.empty(size * sizeof(Slot), dtype=np.uint8)
+    """``(slots, count)``: the open-addressing table of ``hashes[i] → i`` (equal hashes keep the
+    lower id) in ``count`` slots of :data:`SLOT_BYTES` bytes (a uint8 array), at most
+    :data:`MAX_LOAD` full. A hash's home slot is ``hash * count >> 64``; collisions probe the
+    next slots (linear probing, wrapping around)."""
+    cdef Py_ssize_t n = hashes.shape[0], i
+    cdef double max_load = MAX_LOAD
+    cdef Py_ssize_t count = max(16, <Py_ssize_t>(<double>n / max_load) + 1)
+    slots = np.empty(count * sizeof(Slot), dtype=np.uint8)
     cdef uint8_t[::1] view = slots
     cdef Slot *table = <Slot *>&view[0]
-    cdef uint64_t mask = <uint64_t>(size - 1), at, key
-    for i in range(size):
+    cdef uint64_t at, key
+    for i in range(count):
         table[i].key = 0
         table[i].id = -1
     for i in range(n):
         key = hashes[i]
-        at = key & mask
+        at = textserve_home(key, count)
         while table[at].id >= 0 and table[at].key != key:
-            at = (at + 1) & mask
+            at += 1
+            if at == <uint64_t>count:
+                at = 0
         if table[at].id < 0:  # else an equal hash holds a lower id already
             table[at].key = key
             table[at].id = <int32_t>i
-    return slots, mask
+    return slots, count
 
 
 def encode_batch(
@@ -160,7 +177,7 @@ def encode_batch(
     Py_ssize_t min_width,
     Py_ssize_t max_width,
     const uint8_t[::1] slots,
-    uint64_t mask,
+    uint64_t count,
     int32_t missing,
 ):
     """The ``[len(texts), width]`` int32 ids of ``texts`` (each cut to ``limit`` tokens, padded
@@ -211,8 +228,8 @@ def encode_batch(
         for row in range(n):
             for j in range(counts[row]):
                 if at + PREFETCH_AHEAD < k:
-                    __builtin_prefetch(&table[hashes[at + PREFETCH_AHEAD] & mask])
-                view[row, j] = _probe(table, mask, hashes[at], missing)
+                    __builtin_prefetch(&table[textserve_home(hashes[at + PREFETCH_AHEAD], count)])
+                view[row, j] = _probe(table, count, hashes[at], missing)
                 at += 1
             if counts[row] < width:
                 memset(&view[row, counts[row]], 0, (width - counts[row]) * sizeof(int32_t))
@@ -222,7 +239,7 @@ def encode_batch(
         free(counts)
 
 
-def lookup(const uint64_t[::1] hashes, const uint8_t[::1] slots, uint64_t mask, int32_t missing):
+def lookup(const uint64_t[::1] hashes, const uint8_t[::1] slots, uint64_t count, int32_t missing):
     """The id of each hash in the table (``missing`` where it is absent), as int32."""
     cdef Py_ssize_t n = hashes.shape[0], i
     out = np.empty(n, dtype=np.int32)
@@ -232,6 +249,6 @@ def lookup(const uint64_t[::1] hashes, const uint8_t[::1] slots, uint64_t mask, 
     cdef const Slot *table = <const Slot *>&slots[0]
     for i in range(n):
         if i + PREFETCH_AHEAD < n:
-            __builtin_prefetch(&table[hashes[i + PREFETCH_AHEAD] & mask])
-        view[i] = _probe(table, mask, hashes[i], missing)
+            __builtin_prefetch(&table[textserve_home(hashes[i + PREFETCH_AHEAD], count)])
+        view[i] = _probe(table, count, hashes[i], missing)
     return out

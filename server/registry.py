@@ -69,6 +69,7 @@ from server.errors import (
 )
 from server.memory import MemoryMonitor, ProcessMemory
 from server.settings import Settings
+from server.token_hash import NATIVE
 
 if TYPE_CHECKING:
     from server.batching import Batcher, BatchObserver
@@ -298,6 +299,11 @@ class Registry:
         self._inference: concurrent.futures.ThreadPoolExecutor | None = None
         self._threads = settings.thread_layout()
         """TensorFlow's thread counts and the idle split, resolved once for the process."""
+        if not NATIVE:
+            log.warning(
+                "server.native_tokenizer is not built (no C compiler at install): batches are "
+                "tokenized in numpy, ~4x slower; reinstall with gcc and Python's headers"
+            )
         self._split: concurrent.futures.ThreadPoolExecutor | None = None
         """Threads for the extra slices of idle splits (``idle_split`` > 1)."""
         self._store: EmbeddingStore | None = None

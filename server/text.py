@@ -67,7 +67,7 @@ class Vocabulary:
     (the most frequent words, in GloVe's order) are a dict, for texts tokenized one at a time;
     every token's 64-bit hash of its UTF-8 bytes goes into a
     :class:`~server.token_hash.TokenTable` (the compiled tokenizer's open-addressing table of
-    every token, 6 MiB for 220k tokens; without the extension, a cache-sized table for the hot
+    every token, 3.6 MiB for 220k tokens; without the extension, a cache-sized table for the hot
     entries and a sorted array for the rest, 3.0 MiB), used for the rarer tokens of a single
     text and for all tokens of a batch (:mod:`server.native_tokenizer`). A token outside
     the vocabulary could only be mistaken for a vocabulary token if their 64-bit hashes collide
@@ -273,7 +273,7 @@ class Tokenizer:
             fixed or min_width,
             fixed or max(spec.max_len, spec.min_len),
             table.slots,
-            table.slots_mask,
+            table.slot_count,
             table.missing,
         )
 

@@ -165,13 +165,19 @@ def test_token_table_probes_past_collisions_and_keeps_the_lower_id() -> None:
 
 
 def test_the_native_table_probes_past_collisions_and_keeps_the_lower_id() -> None:
-    # 9 hashes: 32 slots (mask 31). Slot 5 is taken by 5, 5 + 32 and 5 + 64 in turn.
-    hashes = np.array([5, 5 + 32, 5 + 64, 6, 5 + 32, 1000, 1001, 1000, 6], dtype=np.uint64)
+    # 9 hashes: 16 slots (at most 70 % full); a hash's home slot is its top 4 bits here.
+    home = [h << 60 for h in range(16)]
+    chain = [home[5], home[5] + 1, home[5] + 2, home[6], home[5] + 1]  # over slots 5-8
+    wrapping = [home[15] + 7, home[15] + 8, home[15] + 7, home[6]]  # slot 15, then 0
+    hashes = np.array([*chain, *wrapping], dtype=np.uint64)
     table = TokenTable(hashes, hot=5, missing=-9, native=True)
     assert table.slots is not None
-    assert table.slots_mask == 31
-    assert table.nbytes == 32 * SLOT_BYTES
-    queries = np.array([5, 5 + 32, 5 + 64, 6, 1000, 1001, 7, 5 + 96, 2**63], dtype=np.uint64)
-    assert table.lookup(queries).tolist() == [0, 1, 2, 3, 5, 6, -9, -9, -9]
-    assert table.lookup_cold(queries).tolist() == [0, 1, 2, 3, 5, 6, -9, -9, -9]
+    assert table.slot_count == 16
+    assert table.nbytes == 16 * SLOT_BYTES
+    found = [home[5], home[5] + 1, home[5] + 2, home[6], home[15] + 7, home[15] + 8]
+    absent = [home[6] + 1, home[5] + 3, home[15] + 9, home[0], 2**63 + 5]
+    queries = np.array([*found, *absent], dtype=np.uint64)
+    expected = [0, 1, 2, 3, 5, 6, -9, -9, -9, -9, -9]
+    assert table.lookup(queries).tolist() == expected
+    assert table.lookup_cold(queries).tolist() == expected
     assert table.lookup(np.zeros(0, dtype=np.uint64)).tolist() == []
