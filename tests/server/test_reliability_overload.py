@@ -183,8 +183,11 @@ def test_burst_beyond_capacity(server: ServeProcess) -> None:
     )
     # Refusals never wait for inference: a typical one is answered in a small fraction of an
     # accepted request's time, and even the slowest (the event loop shares the GIL with the
-    # tokenizing and padding threads under this burst) well within it.
-    assert refused_median < 0.1 * ok_median, (refused_median, ok_median)
+    # tokenizing thread under this burst) well within it. A refusal costs event-loop time only,
+    # so its median is the loop's turn around 32 busy clients: 4.2-6.5 ms in three runs with
+    # the compiled tokenizer, while accepted requests took 43-53 ms (220-330 ms when batches
+    # were tokenized in numpy: then 0.1 of it was the bound).
+    assert refused_median < 0.25 * ok_median, (refused_median, ok_median)
     assert refused_p99 < ok_median, (refused_p99, ok_median)
     assert growth < 64 * 2**20, growth
     assert after < 2 * before + 0.005, (before, after)
