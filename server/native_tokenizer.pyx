@@ -104,8 +104,8 @@ cdef Py_ssize_t _hash_text(
         if kind == SPACE:
             p += 1
             continue
-        if kind != WORD:  # punctuation, or a joiner not between two word bytes
-            out[k] = _finish(<uint64_t>_lower(s[p], lowercase), 1)
+        if kind != WORD:  # punctuation, or a joiner not between two word bytes (no letters)
+            out[k] = _finish(<uint64_t>s[p], 1)
             k += 1
             p += 1
             continue
@@ -140,6 +140,17 @@ cdef inline int32_t _probe(
         if i == count:
             i = 0
     return missing
+
+
+cdef inline int32_t _probe_ahead(
+    const Slot *table, uint64_t count, const uint64_t *hashes, Py_ssize_t i, Py_ssize_t n,
+    int32_t missing,
+) noexcept nogil:
+    """The id of ``hashes[i]`` (of ``n``), the slot of ``hashes[i + PREFETCH_AHEAD]`` fetched
+    meanwhile: the probes of a batch overlap their cache misses."""
+    if i + PREFETCH_AHEAD < n:
+        __builtin_prefetch(&table[textserve_home(hashes[i + PREFETCH_AHEAD], count)])
+    return _probe(table, count, hashes[i], missing)
 
 
 def build_table(const uint64_t[::1] hashes):
@@ -227,9 +238,7 @@ def encode_batch(
         at = 0
         for row in range(n):
             for j in range(counts[row]):
-                if at + PREFETCH_AHEAD < k:
-                    __builtin_prefetch(&table[textserve_home(hashes[at + PREFETCH_AHEAD], count)])
-                view[row, j] = _probe(table, count, hashes[at], missing)
+                view[row, j] = _probe_ahead(table, count, hashes, at, k, missing)
                 at += 1
             if counts[row] < width:
                 memset(&view[row, counts[row]], 0, (width - counts[row]) * sizeof(int32_t))
@@ -248,7 +257,5 @@ def lookup(const uint64_t[::1] hashes, const uint8_t[::1] slots, uint64_t count,
     cdef int32_t[::1] view = out
     cdef const Slot *table = <const Slot *>&slots[0]
     for i in range(n):
-        if i + PREFETCH_AHEAD < n:
-            __builtin_prefetch(&table[textserve_home(hashes[i + PREFETCH_AHEAD], count)])
-        view[i] = _probe(table, count, hashes[i], missing)
+        view[i] = _probe_ahead(table, count, &hashes[0], i, n, missing)
     return out

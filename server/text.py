@@ -282,8 +282,7 @@ class Tokenizer:
         if ids is not None:
             return ids
         # Some text is not ASCII: those through tokenize(), the rest still in one native call.
-        plain = [i for i, t in enumerate(texts) if t.isascii()]
-        other = [i for i, t in enumerate(texts) if not t.isascii()]
+        plain, other = _split_ascii(texts)
         rows = self.encode_many([texts[i] for i in other])
         ascii_ids = self._native([texts[i] for i in plain], 0)
         assert ascii_ids is not None
@@ -301,11 +300,9 @@ class Tokenizer:
         spec = self.spec
         limit = spec.fixed_len or spec.max_len
         table = self.vocab.table
-        is_ascii = [t.isascii() for t in texts]
-        if all(is_ascii):
+        plain, other = _split_ascii(texts)
+        if not other:
             return encode_ascii(texts, lowercase=spec.lowercase, limit=limit, table=table)
-        plain = [i for i, a in enumerate(is_ascii) if a]
-        other = [i for i, a in enumerate(is_ascii) if not a]
         rows = self.encode_many([texts[i] for i in other])
         lengths = np.zeros(len(texts), dtype=np.intp)
         lengths[other] = [len(r) for r in rows]
@@ -322,6 +319,15 @@ class Tokenizer:
         for i, row in zip(other, rows, strict=True):
             flat[offsets[i] : offsets[i] + len(row)] = row
         return flat, lengths
+
+
+def _split_ascii(texts: Sequence[str]) -> tuple[list[int], list[int]]:
+    """Indices of the ASCII texts and of the others (the batch paths' fast and Unicode parts)."""
+    plain: list[int] = []
+    other: list[int] = []
+    for i, text in enumerate(texts):
+        (plain if text.isascii() else other).append(i)
+    return plain, other
 
 
 def _positions(offsets: IntpArray, lengths: IntpArray) -> IntpArray:
