@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import functools
 import logging
 import os
 import threading
@@ -68,6 +69,7 @@ from server.errors import (
     VersionNotFound,
 )
 from server.memory import MemoryMonitor, ProcessMemory
+from server.priority import lower_this_thread
 from server.settings import Settings
 from server.token_hash import NATIVE
 
@@ -327,15 +329,22 @@ class Registry:
         if self.settings.lean_tensorflow:
             allocator.lean_tensorflow()
         self._store = EmbeddingStore()
+        # TensorFlow's threads below the event loop's priority; its pools, created by the first
+        # session on the loader thread, inherit the loader's (server.priority).
+        lower = functools.partial(lower_this_thread, self.settings.inference_nice)
         self._inference = concurrent.futures.ThreadPoolExecutor(
-            max_workers=self.settings.inference_threads, thread_name_prefix="textserve-infer"
+            max_workers=self.settings.inference_threads,
+            thread_name_prefix="textserve-infer",
+            initializer=lower,
         )
         if self._threads.idle_split > 1:
             self._split = concurrent.futures.ThreadPoolExecutor(
-                max_workers=self._threads.idle_split - 1, thread_name_prefix="textserve-split"
+                max_workers=self._threads.idle_split - 1,
+                thread_name_prefix="textserve-split",
+                initializer=lower,
             )
         self._loader = concurrent.futures.ThreadPoolExecutor(
-            max_workers=1, thread_name_prefix="textserve-loader"
+            max_workers=1, thread_name_prefix="textserve-loader", initializer=lower
         )
         with self._lock:
             self._config = config

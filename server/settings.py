@@ -8,7 +8,7 @@ from __future__ import annotations
 import math
 import os
 from pathlib import Path
-from typing import NamedTuple
+from typing import Literal, NamedTuple
 
 from pydantic import Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -29,7 +29,7 @@ class Settings(BaseSettings):
     """Log level for textserve and uvicorn."""
 
     workers: int = Field(default=1, ge=1, le=64)
-    """Server processes sharing the port (SO_REUSEPORT), each with its own TensorFlow and
+    """Server processes sharing the port (see ``balance``), each with its own TensorFlow and
     sessions; the embedding's mmap'd pages are shared. With the thread settings unset, each of
     2 workers on 2 cores runs batches on one core and splits a lone request over both
     (``idle_split``). Against 2 intra-op threads per worker, side by side (5 reps): single
@@ -37,6 +37,12 @@ class Settings(BaseSettings):
     connection (0.88 of the in-process ceiling), +4 % at 8 and 64 (docs/bench/README.md). Costs
     ~+350 MiB private memory per extra worker. With more than one, admin load/unload answer 409
     and /v1/memory describes the worker that answered."""
+    balance: Literal["connections", "kernel"] = "connections"
+    """How ``workers`` > 1 share connections. ``connections``: the supervisor accepts each one and
+    hands it to the ready worker with the fewest open connections (exact; one extra hop per new
+    connection, none per keep-alive request). ``kernel``: each worker listens with
+    SO_REUSEPORT and the kernel hashes connections to workers (64 connections split from 32/32
+    to 41/23 in the bench)."""
     intra_op_threads: int | None = Field(default=None, ge=0)
     """TensorFlow intra-op threads per session (0 = TensorFlow's default). Unset: the CPUs this
     process may use (affinity, bounded by a cgroup CPU quota) divided by ``workers`` (at least
@@ -47,6 +53,10 @@ class Settings(BaseSettings):
     so the slices of an idle split run at once."""
     inference_threads: int = Field(default=2, ge=1)
     """Threads running session.run off the event loop (shared by all models)."""
+    inference_nice: int = Field(default=10, ge=0, le=19)
+    """Added to the nice value of the threads that load and run models (TensorFlow's own
+    thread pools inherit it; Linux), so the event loop, which reads requests and sends
+    answers, gets a core first when both want one. 0 = equal priority."""
 
     max_batch_size: int = Field(default=64, ge=1, le=4096)
     """Default largest batch (texts) one session.run receives; models.yaml may override."""

@@ -2,23 +2,30 @@
 
 Why: one process runs all HTTP parsing, JSON and tokenizing on one event-loop thread, which
 on a small machine leaves a core idle while TensorFlow waits for the next batch. N workers
-each bind the same address with ``SO_REUSEPORT``; the kernel spreads connections over them by
-hash, and each worker runs its own registry, batchers and sessions. The embedding files are
-memory-mapped, so their pages are shared between the workers; each worker pays for its own
-TensorFlow runtime and per-model state (docs/bench/README.md has the measured trade).
+each run their own registry, batchers and sessions. The embedding files are memory-mapped,
+so their pages are shared between the workers; each worker pays for its own TensorFlow
+runtime and per-model state (docs/bench/README.md has the measured trade).
+
+Connections reach the workers one of two ways (``balance``):
+
+* ``connections`` (default): this process listens, accepts each connection and hands it to the
+  ready worker with the fewest open connections (:mod:`server.balancer`);
+* ``kernel``: every worker binds the address with ``SO_REUSEPORT`` and the kernel spreads
+  connections over them by hash.
 
 This module is the parent. It:
 
-* resolves the port once (``--port 0`` picks a free one for all workers, held by a bound,
-  non-listening ``SO_REUSEPORT`` socket so no other program takes it meanwhile);
-* runs each worker as ``python -m server.cli serve --reuse-port --port P`` with the parent's
+* resolves the port once (``--port 0`` picks a free one for all workers; in ``kernel`` mode it
+  is held by a bound, non-listening ``SO_REUSEPORT`` socket so no other program takes it);
+* runs each worker as ``python -m server.cli serve --handoff-fd FD`` (or ``--reuse-port --port
+  P``) with the parent's
   effective settings in ``TEXTSERVE_*`` variables, and an empty ``PROMETHEUS_MULTIPROC_DIR``
   (on ``/dev/shm`` when it exists) so ``/metrics`` from any worker sums all of them
   (:mod:`server.metrics`);
 * restarts a worker that exits on its own (after marking its metrics dead), unless workers
   keep dying within :data:`FAST_EXIT_S` of their start :data:`MAX_FAST_EXITS` times in a row
   (a broken repository, a port in use): then it stops all of them and exits 1;
-* on SIGTERM/SIGINT forwards SIGTERM to every worker (each drains its requests, see
+* on SIGTERM/SIGINT stops accepting, forwards SIGTERM to every worker (each drains its requests, see
   ``textserve serve``), waits ``drain_timeout_s`` + :data:`STOP_GRACE_S`, kills stragglers,
   and exits 0 if every worker exited 0.
 
@@ -43,6 +50,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from types import FrameType
 
+from server.balancer import Balancer, channel_pair, listening_socket
+from server.errors import ConfigError
 from server.metrics import MULTIPROC_ENV
 from server.settings import Settings
 
@@ -114,19 +123,26 @@ class Supervisor:
         self._workers: dict[int, _Worker] = {}
         self._fast_exits = 0
         self.port = settings.port
+        self._balancer: Balancer | None = None
 
     def run(self) -> int:
         """Serve until SIGTERM/SIGINT (exit 0 if every worker drained cleanly) or until workers
         keep failing to start (exit 1)."""
-        with self._port_reserved(), self._metrics_dir() as metrics_dir, self._signals():
+        with (
+            self._port_reserved(),
+            self._balancing(),
+            self._metrics_dir() as metrics_dir,
+            self._signals(),
+        ):
             env = worker_environment(
                 self.settings.model_copy(update={"port": self.port}), metrics_dir
             )
             log.info(
-                "textserve: %d workers on %s:%d",
+                "textserve: %d workers on %s:%d (balance: %s)",
                 self.settings.workers,
                 self.settings.host,
                 self.port,
+                self.settings.balance,
             )
             for index in range(self.settings.workers):
                 self._spawn(index, env)
@@ -136,18 +152,33 @@ class Supervisor:
 
     # -- lifecycle -------------------------------------------------------------------------
 
-    def _command(self) -> list[str]:
-        cmd = [sys.executable, "-m", "server.cli", "serve", "--reuse-port"]
-        cmd += ["--port", str(self.port)]
+    def _command(self, handoff_fd: int | None) -> list[str]:
+        cmd = [sys.executable, "-m", "server.cli", "serve"]
+        if handoff_fd is None:
+            cmd += ["--reuse-port", "--port", str(self.port)]
+        else:
+            cmd += ["--handoff-fd", str(handoff_fd)]
         return [*cmd, "--access-log"] if self.access_log else cmd
 
     def _spawn(self, index: int, env: dict[str, str]) -> None:
         # Own session: a terminal's Ctrl-C reaches the parent only, which sends one SIGTERM
         # (a second signal would make uvicorn skip the drain). Parent-death signal: a killed
         # parent takes its workers with it.
-        process = subprocess.Popen(
-            self._command(), env=env, start_new_session=True, preexec_fn=_die_with_parent
-        )
+        if self._balancer is None:
+            process = subprocess.Popen(
+                self._command(None), env=env, start_new_session=True, preexec_fn=_die_with_parent
+            )
+        else:
+            ours, theirs = channel_pair()
+            with theirs:
+                process = subprocess.Popen(
+                    self._command(theirs.fileno()),
+                    env=env,
+                    start_new_session=True,
+                    preexec_fn=_die_with_parent,
+                    pass_fds=(theirs.fileno(),),
+                )
+            self._balancer.attach(index, ours)
         self._workers[index] = _Worker(index, process)
         log.info("worker %d started (pid %d)", index, process.pid)
 
@@ -161,6 +192,8 @@ class Supervisor:
                 if code is None:
                     continue
                 lived = time.monotonic() - worker.started
+                if self._balancer is not None:
+                    self._balancer.detach(index)
                 multiprocess.mark_process_dead(  # type: ignore[no-untyped-call]
                     worker.process.pid, str(metrics_dir)
                 )
@@ -180,7 +213,10 @@ class Supervisor:
         return False
 
     def _stop_all(self) -> list[int]:
-        """SIGTERM every worker, wait for the drain, SIGKILL what is left; exit statuses."""
+        """Stop accepting, SIGTERM every worker, wait for the drain, SIGKILL what is left; exit
+        statuses."""
+        if self._balancer is not None:
+            self._balancer.stop()
         for worker in self._workers.values():
             with contextlib.suppress(ProcessLookupError):
                 worker.process.send_signal(signal.SIGTERM)
@@ -203,8 +239,9 @@ class Supervisor:
 
     @contextlib.contextmanager
     def _port_reserved(self) -> Iterator[None]:
-        """With ``--port 0``: pick one free port for all workers and hold it while they run."""
-        if self.port != 0:
+        """With ``--port 0`` in ``kernel`` mode: pick one free port for all workers and hold it
+        while they run (in ``connections`` mode the supervisor's own socket holds it)."""
+        if self.port != 0 or self.settings.balance == "connections":
             yield
             return
         holder = reuse_port_socket(self.settings.host, 0)
@@ -213,6 +250,28 @@ class Supervisor:
             yield
         finally:
             holder.close()
+
+    @contextlib.contextmanager
+    def _balancing(self) -> Iterator[None]:
+        """In ``connections`` mode: bind the port and run the balancer (it listens once a worker
+        is ready)."""
+        if self.settings.balance != "connections":
+            yield
+            return
+        try:
+            listener = listening_socket(self.settings.host, self.port)
+        except OSError as exc:
+            where = f"{self.settings.host}:{self.port}"
+            raise ConfigError(f"cannot bind {where}: {exc.strerror or exc}") from None
+        self.port = int(listener.getsockname()[1])
+        self._balancer = Balancer(listener)
+        self._balancer.on_ready = lambda index: log.info("worker %d ready", index)
+        self._balancer.start()
+        try:
+            yield
+        finally:
+            if self._balancer.running:
+                self._balancer.stop()
 
     @contextlib.contextmanager
     def _metrics_dir(self) -> Iterator[Path]:

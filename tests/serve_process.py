@@ -171,6 +171,13 @@ class Connection:
         """Connect now (so a later :meth:`post` only writes and reads)."""
         await self._connect()
 
+    @property
+    def local_port(self) -> int:
+        """This end's port (the server sees it as the peer's)."""
+        if self._writer is None:
+            raise ConnectionError("not connected")
+        return int(self._writer.get_extra_info("sockname")[1])
+
     async def post(self, path: str, body: bytes, headers: dict[str, str] | None = None) -> Reply:
         reader, writer = await self._connect()
         extra = "".join(f"{k}: {v}\r\n" for k, v in (headers or {}).items())

@@ -1,16 +1,20 @@
 """``textserve serve --workers 2``: real worker processes on one port, supervised.
 
-Each test starts the real command; the supervisor forks two ``--reuse-port`` workers that each
-load the repository. Checked from outside: both workers answer, ``/metrics`` sums them, a
-killed worker is replaced without the port going dark, admin load/unload are refused (they
-would change one process only), SIGTERM drains and exits 0 with no worker left behind, and a
-repository whose workers cannot start makes the supervisor give up with status 1.
+Each test starts the real command; the supervisor forks two workers that each load the
+repository and either take the connections the supervisor hands them (``balance``
+``connections``, the default) or listen themselves with ``SO_REUSEPORT`` (``kernel``). Checked
+from outside: both workers answer, connections are split evenly (``connections``),
+``/metrics`` sums the workers, a killed worker is replaced without the port going dark, admin
+load/unload are refused (they would change one process only), SIGTERM drains and exits 0 with
+no worker left behind, workers that cannot start make the supervisor give up with status 1,
+and a port in use is one line and status 1.
 """
 
 from __future__ import annotations
 
 import asyncio
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -45,7 +49,9 @@ def workers_of(served: ServeProcess) -> list[psutil.Process]:
     out = []
     for child in served.process.children():
         try:
-            if child.status() != psutil.STATUS_ZOMBIE and "--reuse-port" in child.cmdline():
+            cmdline = child.cmdline()
+            worker = "--reuse-port" in cmdline or "--handoff-fd" in cmdline
+            if child.status() != psutil.STATUS_ZOMBIE and worker:
                 out.append(child)
         except psutil.Error:
             continue
@@ -65,8 +71,17 @@ def classified_total(url: str) -> float:
 
 
 def listening(process: psutil.Process) -> bool:
-    """A worker listens only once its models are loaded (it binds its socket earlier)."""
+    """A ``kernel``-mode worker listens only once its models are loaded (it binds earlier)."""
     return any(c.status == psutil.CONN_LISTEN for c in process.net_connections(kind="tcp"))
+
+
+def ready_workers(served: ServeProcess) -> int:
+    """Workers the supervisor has logged ready (``connections`` mode, log level info)."""
+    return len(set(re.findall(r"worker (\d+) ready", served.stderr())))
+
+
+def established(process: psutil.Process) -> int:
+    return sum(c.status == psutil.CONN_ESTABLISHED for c in process.net_connections(kind="tcp"))
 
 
 def wait_until(cond: object, within_s: float, what: str) -> None:
@@ -96,11 +111,26 @@ async def classify_over(url: str, connections: int, per_connection: int) -> list
     return [s for r in results for s in r]
 
 
-def test_two_workers_share_the_port_and_the_metrics(repo: Path, tmp_path: Path) -> None:
-    with serving(repo, "--workers", "2", log=tmp_path / "serve.log") as served:
-        wait_until(lambda: len(workers_of(served)) == 2, 30, "two workers")
-        # both must be ready before the load, or one could take every connection
+def wait_both_ready(served: ServeProcess, balance: str) -> None:
+    """Both workers serving: before that the load could all go to one of them."""
+    wait_until(lambda: len(workers_of(served)) == 2, 30, "two workers")
+    if balance == "kernel":
         wait_until(lambda: all(listening(w) for w in workers_of(served)), 120, "both listening")
+    else:
+        wait_until(lambda: ready_workers(served) == 2, 120, "both ready")
+
+
+INFO = {"TEXTSERVE_LOG_LEVEL": "info"}  # the supervisor logs "worker N ready"
+
+
+@pytest.mark.parametrize("balance", ["connections", "kernel"])
+def test_two_workers_share_the_port_and_the_metrics(
+    repo: Path, tmp_path: Path, balance: str
+) -> None:
+    args = ("--workers", "2", "--balance", balance)
+    with serving(repo, *args, log=tmp_path / "serve.log", env=INFO) as served:
+        wait_both_ready(served, balance)
+        assert all(not listening(w) for w in workers_of(served)) == (balance == "connections")
         statuses = asyncio.run(classify_over(served.url, connections=16, per_connection=10))
         assert statuses == [200] * 160
         # counters from every worker's files are summed in any worker's /metrics
@@ -121,13 +151,61 @@ def test_two_workers_share_the_port_and_the_metrics(repo: Path, tmp_path: Path) 
         )
 
 
+def client_ports(process: psutil.Process) -> set[int]:
+    """Client-side ports of the worker's established connections."""
+    return {
+        c.raddr.port
+        for c in process.net_connections(kind="tcp")
+        if c.status == psutil.CONN_ESTABLISHED and c.raddr
+    }
+
+
+async def open_connections(url: str, n: int) -> list[Connection]:
+    """``n`` keep-alive connections, each with one request answered (so each was handed)."""
+    conns = [Connection(url) for _ in range(n)]
+    await asyncio.gather(*(c.open() for c in conns))
+    body = orjson.dumps({"texts": ["a small dog"]})
+    replies = await asyncio.gather(*(c.post(CLASSIFY, body) for c in conns))
+    assert [r.status for r in replies] == [200] * n
+    return conns
+
+
+def test_connections_are_split_evenly_and_closed_ones_make_room(repo: Path, tmp_path: Path) -> None:
+    with serving(repo, "--workers", "2", log=tmp_path / "serve.log", env=INFO) as served:
+        wait_both_ready(served, "connections")
+        first, second = workers_of(served)
+
+        def split(expected: list[int]) -> None:
+            wait_until(
+                lambda: [established(first), established(second)] == expected,
+                10,
+                f"connections per worker {expected}",
+            )
+
+        async def scenario() -> None:
+            conns = await open_connections(served.url, 64)
+            split([32, 32])
+            # close the 32 connections of the first worker: it must get the next ones
+            ports = client_ports(first)
+            mine = [c for c in conns if c.local_port in ports]
+            assert len(mine) == 32
+            await asyncio.gather(*(c.close() for c in mine))
+            split([0, 32])
+            conns = [c for c in conns if c not in mine]
+            conns += await open_connections(served.url, 40)  # 32 to catch up, then 4 + 4
+            split([36, 36])
+            await asyncio.gather(*(c.close() for c in conns))
+
+        asyncio.run(scenario())
+        split([0, 0])
+
+
 def test_a_killed_worker_is_replaced_and_sigterm_stops_everything(
     repo: Path, tmp_path: Path
 ) -> None:
-    served = start_serve(repo, "--workers", "2", log=tmp_path / "serve.log")
+    served = start_serve(repo, "--workers", "2", log=tmp_path / "serve.log", env=INFO)
     try:
-        wait_until(lambda: len(workers_of(served)) == 2, 30, "two workers")
-        wait_until(lambda: all(listening(w) for w in workers_of(served)), 120, "both listening")
+        wait_both_ready(served, "connections")
         victim = workers_of(served)[0]
         victim.send_signal(signal.SIGKILL)
         wait_until(
@@ -162,17 +240,28 @@ def test_admin_load_and_unload_are_refused_with_several_workers(repo: Path, tmp_
         assert httpx.post(f"{served.url}{CLASSIFY}", json={"texts": ["a dog"]}).status_code == 200
 
 
-def test_workers_that_cannot_start_stop_the_supervisor(repo: Path, tmp_path: Path) -> None:
+def serve_on_a_port_in_use(repo: Path, balance: str) -> subprocess.CompletedProcess[bytes]:
     port = free_port()
     blocker = socket.socket()
-    blocker.bind(("127.0.0.1", port))  # no SO_REUSEPORT: every worker's bind fails
+    blocker.bind(("127.0.0.1", port))  # no SO_REUSEPORT: nobody else may bind the port
     blocker.listen()
     try:
         command = [sys.executable, "-m", "server.cli", "serve", "--repo", str(repo)]
-        command += ["--port", str(port), "--workers", "2"]
+        command += ["--port", str(port), "--workers", "2", "--balance", balance]
         env = {**os.environ, "TEXTSERVE_LOG_LEVEL": "warning", "TF_CPP_MIN_LOG_LEVEL": "2"}
-        done = subprocess.run(command, env=env, capture_output=True, timeout=300, check=False)
+        return subprocess.run(command, env=env, capture_output=True, timeout=300, check=False)
     finally:
         blocker.close()
+
+
+def test_workers_that_cannot_start_stop_the_supervisor(repo: Path) -> None:
+    done = serve_on_a_port_in_use(repo, "kernel")  # every worker's own bind fails
     assert done.returncode == 1
     assert b"keep failing to start" in done.stderr
+
+
+def test_a_port_in_use_is_one_line_and_status_1(repo: Path) -> None:
+    done = serve_on_a_port_in_use(repo, "connections")  # the supervisor binds it
+    assert done.returncode == 1
+    assert done.stderr.decode().strip().splitlines()[-1].startswith("textserve: error: cannot bind")
+    assert b"Traceback" not in done.stderr

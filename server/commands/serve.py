@@ -10,10 +10,12 @@ closes every session.
 from __future__ import annotations
 
 import argparse
+import asyncio
 import contextlib
 import logging
 import math
 import signal
+import socket
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -31,7 +33,8 @@ _FLAGS: dict[str, tuple[type, str]] = {
     "host": (str, "address to bind"),
     "port": (int, "TCP port (0 picks a free one)"),
     "log_level": (str, "log level (debug, info, warning, error)"),
-    "workers": (int, "server processes sharing the port (SO_REUSEPORT); default 1"),
+    "workers": (int, "server processes sharing the port; default 1"),
+    "balance": (str, "how workers share connections: connections (default) or kernel"),
     "intra_op_threads": (int, "TensorFlow intra-op threads per session"),
     "inter_op_threads": (int, "TensorFlow inter-op threads per session"),
     "inference_threads": (int, "threads running session.run (shared by all models)"),
@@ -62,7 +65,9 @@ def configure(parser: argparse.ArgumentParser) -> None:
         "--access-log", action="store_true", help="log every request (slower; off by default)"
     )
     parser.add_argument("--reuse-port", action="store_true", help=argparse.SUPPRESS)
-    # --reuse-port: run as one of --workers N (bind with SO_REUSEPORT); set by the supervisor.
+    parser.add_argument("--handoff-fd", type=int, default=None, help=argparse.SUPPRESS)
+    # Set by the supervisor: run as one of --workers N, either binding the port with
+    # SO_REUSEPORT (--reuse-port) or serving the connections handed over a channel (--handoff-fd).
 
 
 def settings_from(args: argparse.Namespace) -> Settings:
@@ -94,7 +99,8 @@ def run(args: argparse.Namespace) -> int:
 
     level = settings.log_level.upper()
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    worker = bool(getattr(args, "reuse_port", False))
+    handoff_fd: int | None = getattr(args, "handoff_fd", None)
+    worker = bool(getattr(args, "reuse_port", False)) or handoff_fd is not None
     if settings.workers > 1 and not worker:
         from server.supervisor import Supervisor
 
@@ -109,7 +115,10 @@ def run(args: argparse.Namespace) -> int:
         timeout_graceful_shutdown=math.ceil(settings.drain_timeout_s),
     )
     server = _server_class()(config)
-    if worker:
+    if handoff_fd is not None:
+        server.handoff_fd = handoff_fd
+        server.run(sockets=[])  # no socket of its own: the supervisor hands connections over
+    elif worker:
         from server.supervisor import reuse_port_socket
 
         # Bound, not listening: uvicorn listens after the lifespan startup (models loaded).
@@ -138,6 +147,8 @@ def uvicorn_options() -> dict[str, Any]:
 def _server_class() -> type[Any]:
     import uvicorn
 
+    from server.balancer import ConnectionInbox
+
     class Server(uvicorn.Server):
         """uvicorn's server, except that a drained shutdown on SIGTERM/SIGINT exits with 0, also
         when the signal came before startup finished.
@@ -147,6 +158,29 @@ def _server_class() -> type[Any]:
         """
 
         signalled = False
+        handoff_fd: int | None = None
+        """With ``--handoff-fd``: serve the connections the supervisor hands over this channel."""
+        _inbox: ConnectionInbox | None = None
+
+        async def startup(self, sockets: list[socket.socket] | None = None) -> None:
+            await super().startup(sockets)
+            if self.handoff_fd is None or not self.started or self.should_exit:
+                return
+            loop = asyncio.get_running_loop()
+            config, state, app_state = self.config, self.server_state, self.lifespan.state
+
+            def protocol() -> asyncio.BaseProtocol:
+                return config.http_protocol_class(  # type: ignore[call-arg]
+                    config=config, server_state=state, app_state=app_state, _loop=loop
+                )
+
+            self._inbox = ConnectionInbox(socket.socket(fileno=self.handoff_fd), protocol, loop)
+            self._inbox.start()
+
+        async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
+            if self._inbox is not None:
+                await self._inbox.close()
+            await super().shutdown(sockets)
 
         def handle_exit(self, sig: int, frame: Any) -> None:
             self.signalled = True
