@@ -331,7 +331,7 @@ class Registry:
         self._store = EmbeddingStore()
         # TensorFlow's threads below the event loop's priority; its pools, created by the first
         # session on the loader thread, inherit the loader's (server.priority).
-        lower = functools.partial(lower_this_thread, self.settings.inference_nice)
+        lower = functools.partial(lower_this_thread, self._threads.inference_nice)
         self._inference = concurrent.futures.ThreadPoolExecutor(
             max_workers=self.settings.inference_threads,
             thread_name_prefix="textserve-infer",

@@ -53,10 +53,14 @@ class Settings(BaseSettings):
     so the slices of an idle split run at once."""
     inference_threads: int = Field(default=2, ge=1)
     """Threads running session.run off the event loop (shared by all models)."""
-    inference_nice: int = Field(default=10, ge=0, le=19)
+    inference_nice: int | None = Field(default=None, ge=0, le=19)
     """Added to the nice value of the threads that load and run models (TensorFlow's own
     thread pools inherit it; Linux), so the event loop, which reads requests and sends
-    answers, gets a core first when both want one. 0 = equal priority."""
+    answers, gets a core first when both want one. 0 = equal priority. Unset: 10 when each
+    batch runs on one thread (``intra_op_threads`` resolves to 1, as for 2 workers on 2
+    cores: single texts at conc. 64 p99 32.5 -> 28.0 ms, +5 % texts/s at conc. 512), else 0
+    (TensorFlow's intra-op threads wait for each other, and preempting one stalls the rest:
+    one process with 2 threads lost 13 % texts/s at conc. 64; docs/bench/README.md)."""
 
     max_batch_size: int = Field(default=64, ge=1, le=4096)
     """Default largest batch (texts) one session.run receives; models.yaml may override."""
@@ -120,8 +124,9 @@ class Settings(BaseSettings):
     # -- resolved thread layout (the unset fields' values) ------------------------------------
 
     def thread_layout(self) -> ThreadLayout:
-        """The thread counts the server runs with: set fields as they are, unset ones derived
-        from :func:`available_cpus` (read once here) and ``workers``."""
+        """The thread counts (and TensorFlow's nice increment) the server runs with: set fields
+        as they are, unset ones derived from :func:`available_cpus` (read once here) and
+        ``workers``."""
         cpus = available_cpus()
         intra = self.intra_op_threads
         if intra is None:
@@ -132,15 +137,26 @@ class Settings(BaseSettings):
             if self.inter_op_threads:  # set: slices beyond it would run one after the other
                 split = min(split, self.inter_op_threads)
         inter = self.inter_op_threads if self.inter_op_threads is not None else split
-        return ThreadLayout(intra_op_threads=intra, inter_op_threads=inter, idle_split=split)
+        nice = self.inference_nice
+        if nice is None:
+            nice = AUTO_NICE if intra == 1 else 0
+        return ThreadLayout(
+            intra_op_threads=intra, inter_op_threads=inter, idle_split=split, inference_nice=nice
+        )
 
 
 class ThreadLayout(NamedTuple):
-    """Resolved ``intra_op_threads``, ``inter_op_threads`` and ``idle_split``."""
+    """Resolved ``intra_op_threads``, ``inter_op_threads``, ``idle_split`` and
+    ``inference_nice``."""
 
     intra_op_threads: int
     inter_op_threads: int
     idle_split: int
+    inference_nice: int
+
+
+AUTO_NICE = 10
+"""The unset ``inference_nice`` when each batch runs on one thread."""
 
 
 AUTO_SPLIT_MAX = 8

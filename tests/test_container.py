@@ -183,13 +183,16 @@ def wait_ready(base: str, container: str, engine: dict[str, str]) -> float:
     pytest.fail(f"not ready after {READY_TIMEOUT_S:.0f} s:\n{logs.stdout}\n{logs.stderr}")
 
 
+@pytest.mark.parametrize("workers", [1, 2])
 def test_container_serves_a_mounted_repository(
-    image: str, engine: dict[str, str], model_repo: Path
+    image: str, engine: dict[str, str], model_repo: Path, workers: int
 ) -> None:
-    name = f"textserve-test-{os.getpid()}"
+    # workers=2: the supervisor hands connections to its workers (server/balancer.py) and
+    # TensorFlow's threads lower their priority, inside the container's restrictions.
+    name = f"textserve-test-{os.getpid()}-{workers}"
     run(["podman", "rm", "-f", name], engine, 120, check=False)
     mount = f"{model_repo}:/models:ro"
-    publish = ["-p", "127.0.0.1::8000"]
+    publish = ["-p", "127.0.0.1::8000", "-e", f"TEXTSERVE_WORKERS={workers}"]
     run(["podman", "run", "-d", "--name", name, *publish, "-v", mount, image], engine, 120)
     try:
         mapped = run(["podman", "port", name, "8000/tcp"], engine, 60).stdout.strip()

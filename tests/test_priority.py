@@ -17,7 +17,7 @@ import httpx
 import pytest
 
 from server.priority import MAX_NICE, lower_this_thread
-from server.settings import Settings
+from server.settings import AUTO_NICE, Settings
 from tests.serve_process import repo_with, serving
 
 pytestmark = pytest.mark.skipif(
@@ -56,15 +56,32 @@ def test_zero_is_off_and_the_value_is_capped() -> None:
     assert in_thread(40) == (MAX_NICE, MAX_NICE)
 
 
-def test_the_default_is_on() -> None:
-    assert Settings(_env_file=None).inference_nice > 0
+@pytest.mark.parametrize(
+    ("settings", "nice"),
+    [
+        ({"workers": 2}, 10),  # one thread per batch: TensorFlow below the event loop
+        ({"intra_op_threads": 1}, 10),
+        ({}, 0),  # one process on 2 CPUs: 2 intra-op threads that wait for each other
+        ({"intra_op_threads": 0}, 0),  # TensorFlow's own (multi-thread) pools
+        ({"workers": 2, "inference_nice": 3}, 3),  # set: as set
+        ({"inference_nice": 5}, 5),
+    ],
+)
+def test_the_unset_increment_follows_the_thread_layout(
+    monkeypatch: pytest.MonkeyPatch, settings: dict[str, int], nice: int
+) -> None:
+    import server.settings
+
+    monkeypatch.setattr(server.settings, "available_cpus", lambda: 2)
+    assert Settings(_env_file=None, **settings).thread_layout().inference_nice == nice  # type: ignore[arg-type]
 
 
 def test_tensorflow_threads_of_a_real_server_run_below_the_event_loop(
     small_repo: Path, tmp_path: Path
 ) -> None:
     repo = repo_with(small_repo, tmp_path / "repo", ["pos"])
-    with serving(repo, log=tmp_path / "serve.log") as served:
+    one_thread = {"TEXTSERVE_INTRA_OP_THREADS": "1"}  # one thread per batch: nice +10
+    with serving(repo, log=tmp_path / "serve.log", env=one_thread) as served:
         with httpx.Client(base_url=served.url, timeout=30) as client:
             for i in range(100):
                 texts = [f"text {i} {j} about a small brown dog" for j in range(16)]
@@ -72,7 +89,7 @@ def test_tensorflow_threads_of_a_real_server_run_below_the_event_loop(
                 assert r.status_code == 200
         process = served.process
         base = nice_of(process.pid)  # the main thread runs the event loop
-        lowered = min(MAX_NICE, base + Settings(_env_file=None).inference_nice)
+        lowered = min(MAX_NICE, base + AUTO_NICE)
         threads = {t.id: t.user_time + t.system_time for t in process.threads()}
         names = {
             tid: Path(f"/proc/{process.pid}/task/{tid}/comm").read_text().strip() for tid in threads
