@@ -49,18 +49,24 @@ def channel_pair() -> tuple[socket.socket, socket.socket]:
     return ours, theirs
 
 
-def listening_socket(host: str, port: int) -> socket.socket:
-    """A TCP socket bound to ``host:port`` (``SO_REUSEADDR``, not ``SO_REUSEPORT``: no other
-    process may share the port), not yet listening."""
+def bound_socket(host: str, port: int, *, reuse_port: bool = False) -> socket.socket:
+    """A TCP socket bound to ``host:port`` (``SO_REUSEADDR``), not listening.
+
+    ``reuse_port`` (``balance = "kernel"``): with ``SO_REUSEPORT`` (Linux, BSD), so every worker
+    binds the same port; until a socket listens the kernel gives it no connections (uvicorn
+    makes a worker's listen once its models are loaded; the supervisor's ``--port 0`` holder
+    never does). Without it no other process may share the port (the supervisor's socket in
+    ``connections`` mode)."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM)
     try:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if reuse_port:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
         sock.bind((host, port))
     except BaseException:
         sock.close()
         raise
-    sock.setblocking(False)
     return sock
 
 
@@ -82,6 +88,7 @@ class Balancer:
 
     def __init__(self, listener: socket.socket, *, backlog: int = BACKLOG) -> None:
         self._listener = listener
+        self._listener.setblocking(False)
         self._backlog = backlog
         self._listening = False
         self._selector = selectors.DefaultSelector()
@@ -275,8 +282,7 @@ class ConnectionInbox:
         """Take no more connections; serve those already received (the server's own shutdown
         then drains them like any other)."""
         if self._reading:
-            self._loop.remove_reader(self._channel.fileno())
-            self._reading = False
+            self._stop_reading()
             self._on_readable()  # any handed over before the stop
         if self._adopting:
             await asyncio.gather(*self._adopting, return_exceptions=True)
@@ -294,11 +300,14 @@ class ConnectionInbox:
                 task = self._loop.create_task(self._adopt(sock))
                 self._adopting.add(task)
                 task.add_done_callback(self._adopting.discard)
-            if not message:
-                if self._reading:  # the supervisor is gone; it takes the workers with it
-                    self._loop.remove_reader(self._channel.fileno())
-                    self._reading = False
+            if not message:  # the supervisor is gone (it takes the workers with it), or closing
+                if self._reading:
+                    self._stop_reading()
                 return
+
+    def _stop_reading(self) -> None:
+        self._loop.remove_reader(self._channel.fileno())
+        self._reading = False
 
     async def _adopt(self, sock: socket.socket) -> None:
         sock.setblocking(False)

@@ -18,16 +18,15 @@ This module is the parent. It:
 * resolves the port once (``--port 0`` picks a free one for all workers; in ``kernel`` mode it
   is held by a bound, non-listening ``SO_REUSEPORT`` socket so no other program takes it);
 * runs each worker as ``python -m server.cli serve --handoff-fd FD`` (or ``--reuse-port --port
-  P``) with the parent's
-  effective settings in ``TEXTSERVE_*`` variables, and an empty ``PROMETHEUS_MULTIPROC_DIR``
-  (on ``/dev/shm`` when it exists) so ``/metrics`` from any worker sums all of them
-  (:mod:`server.metrics`);
+  P``) with the parent's effective settings in ``TEXTSERVE_*`` variables, and an empty
+  ``PROMETHEUS_MULTIPROC_DIR`` (on ``/dev/shm`` when it exists) so ``/metrics`` from any worker
+  sums all of them (:mod:`server.metrics`);
 * restarts a worker that exits on its own (after marking its metrics dead), unless workers
   keep dying within :data:`FAST_EXIT_S` of their start :data:`MAX_FAST_EXITS` times in a row
   (a broken repository, a port in use): then it stops all of them and exits 1;
-* on SIGTERM/SIGINT stops accepting, forwards SIGTERM to every worker (each drains its requests, see
-  ``textserve serve``), waits ``drain_timeout_s`` + :data:`STOP_GRACE_S`, kills stragglers,
-  and exits 0 if every worker exited 0.
+* on SIGTERM/SIGINT stops accepting, forwards SIGTERM to every worker (each drains its
+  requests, see ``textserve serve``), waits ``drain_timeout_s`` + :data:`STOP_GRACE_S`, kills
+  stragglers, and exits 0 if every worker exited 0.
 
 All timeouts use the monotonic clock.
 """
@@ -39,7 +38,6 @@ import logging
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -50,7 +48,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from types import FrameType
 
-from server.balancer import Balancer, channel_pair, listening_socket
+from server.balancer import Balancer, bound_socket, channel_pair
 from server.errors import ConfigError
 from server.metrics import MULTIPROC_ENV
 from server.settings import Settings
@@ -64,22 +62,6 @@ MAX_FAST_EXITS = 3
 STOP_GRACE_S = 10.0
 """Beyond ``drain_timeout_s``, how long workers get to exit before SIGKILL."""
 POLL_S = 0.2
-
-
-def reuse_port_socket(host: str, port: int) -> socket.socket:
-    """A TCP socket bound to ``host:port`` with ``SO_REUSEPORT`` (Linux, BSD), not listening.
-    Until it listens the kernel gives it no connections: uvicorn makes a worker's socket listen
-    once its models are loaded; the supervisor's holds ``--port 0``'s choice and never does."""
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_STREAM)
-    try:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-        sock.bind((host, port))
-    except BaseException:
-        sock.close()
-        raise
-    return sock
 
 
 def _die_with_parent() -> None:
@@ -164,20 +146,22 @@ class Supervisor:
         # Own session: a terminal's Ctrl-C reaches the parent only, which sends one SIGTERM
         # (a second signal would make uvicorn skip the drain). Parent-death signal: a killed
         # parent takes its workers with it.
-        if self._balancer is None:
+        # balance=connections: the worker gets its end of a channel (our copy closes after the
+        # fork) and the balancer the other.
+        ours, theirs = channel_pair() if self._balancer is not None else (None, None)
+        handoff = None if theirs is None else theirs.fileno()
+        try:
             process = subprocess.Popen(
-                self._command(None), env=env, start_new_session=True, preexec_fn=_die_with_parent
+                self._command(handoff),
+                env=env,
+                start_new_session=True,
+                preexec_fn=_die_with_parent,
+                pass_fds=() if handoff is None else (handoff,),
             )
-        else:
-            ours, theirs = channel_pair()
-            with theirs:
-                process = subprocess.Popen(
-                    self._command(theirs.fileno()),
-                    env=env,
-                    start_new_session=True,
-                    preexec_fn=_die_with_parent,
-                    pass_fds=(theirs.fileno(),),
-                )
+        finally:
+            if theirs is not None:
+                theirs.close()
+        if self._balancer is not None and ours is not None:
             self._balancer.attach(index, ours)
         self._workers[index] = _Worker(index, process)
         log.info("worker %d started (pid %d)", index, process.pid)
@@ -244,7 +228,7 @@ class Supervisor:
         if self.port != 0 or self.settings.balance == "connections":
             yield
             return
-        holder = reuse_port_socket(self.settings.host, 0)
+        holder = bound_socket(self.settings.host, 0, reuse_port=True)
         self.port = int(holder.getsockname()[1])
         try:
             yield
@@ -259,7 +243,7 @@ class Supervisor:
             yield
             return
         try:
-            listener = listening_socket(self.settings.host, self.port)
+            listener = bound_socket(self.settings.host, self.port)
         except OSError as exc:
             where = f"{self.settings.host}:{self.port}"
             raise ConfigError(f"cannot bind {where}: {exc.strerror or exc}") from None
@@ -270,8 +254,7 @@ class Supervisor:
         try:
             yield
         finally:
-            if self._balancer.running:
-                self._balancer.stop()
+            self._balancer.stop()  # no-op when _stop_all already stopped it
 
     @contextlib.contextmanager
     def _metrics_dir(self) -> Iterator[Path]:

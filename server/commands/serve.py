@@ -119,10 +119,10 @@ def run(args: argparse.Namespace) -> int:
         server.handoff_fd = handoff_fd
         server.run(sockets=[])  # no socket of its own: the supervisor hands connections over
     elif worker:
-        from server.supervisor import reuse_port_socket
+        from server.balancer import bound_socket
 
         # Bound, not listening: uvicorn listens after the lifespan startup (models loaded).
-        server.run(sockets=[reuse_port_socket(settings.host, settings.port)])
+        server.run(sockets=[bound_socket(settings.host, settings.port, reuse_port=True)])
     else:
         server.run()
     # A SIGTERM while still loading (a --workers worker stopped by its supervisor) is an

@@ -22,8 +22,8 @@ from server.balancer import (
     READY,
     Balancer,
     ConnectionInbox,
+    bound_socket,
     channel_pair,
-    listening_socket,
 )
 
 
@@ -65,7 +65,7 @@ class FakeWorker:
 
 @pytest.fixture
 def balancer() -> Iterator[tuple[Balancer, int]]:
-    listener = listening_socket("127.0.0.1", 0)
+    listener = bound_socket("127.0.0.1", 0)
     port = listener.getsockname()[1]
     b = Balancer(listener)
     b.start()
@@ -183,7 +183,7 @@ def test_a_worker_that_goes_away_gets_nothing_more(balancer: tuple[Balancer, int
 
 
 def test_stop_refuses_new_connections_and_keeps_handed_ones() -> None:
-    listener = listening_socket("127.0.0.1", 0)
+    listener = bound_socket("127.0.0.1", 0)
     port = listener.getsockname()[1]
     b = Balancer(listener)
     b.start()
@@ -249,9 +249,9 @@ def test_the_inbox_serves_handed_connections_and_reports_ready_and_closes() -> N
     assert messages == [READY, CLOSED, CLOSED, CLOSED]
 
 
-def test_listening_socket_refuses_a_port_in_use() -> None:
-    with contextlib.closing(listening_socket("127.0.0.1", 0)) as first:
+def test_bound_socket_refuses_a_port_in_use() -> None:
+    with contextlib.closing(bound_socket("127.0.0.1", 0)) as first:
         first.listen()
         port = first.getsockname()[1]
         with pytest.raises(OSError, match="in use"):
-            listening_socket("127.0.0.1", port)
+            bound_socket("127.0.0.1", port)
